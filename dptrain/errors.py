@@ -1,0 +1,17 @@
+"""The one error type for user mistakes: the CLI prints it as one line and exits with 2."""
+
+
+class UserError(Exception):
+    """A mistake in config, data, checkpoint or launch that the user can fix."""
+
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; resume to go on
+
+
+def agreed(e: UserError) -> UserError:
+    """Mark an error that every rank raises together (no abort needed, rank 0 reports it)."""
+    e.agreed = True  # type: ignore[attr-defined]
+    return e

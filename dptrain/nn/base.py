@@ -1,0 +1,149 @@
+"""The layer contract, the forward/backward context, and the layer registry.
+
+A layer declares its parameter and state shapes; the model owns the memory and binds
+views of its flat buffers into ``layer.params``, ``layer.grads`` and ``layer.state``.
+Layers never import MPI: a layer that needs the world (synchronised BatchNorm) gets a
+plain ``allreduce_sum`` callable through the context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import UserError
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class Context:
+    """What a forward/backward pass needs to know besides its input.
+
+    ``sample_index`` holds the global dataset indices of the samples in this rank's
+    part of the batch (host int64 array), so per-sample randomness (dropout) depends on
+    (seed, epoch, sample) and not on the rank. ``global_batch`` is the size of the whole
+    global batch across ranks. ``allreduce_sum`` sums an array over ranks in place and
+    returns it (identity in one process).
+    """
+
+    xp: ModuleType = np
+    training: bool = True
+    seed: int = 0
+    epoch: int = 0
+    sample_index: np.ndarray | None = None
+    global_batch: int | None = None
+    allreduce_sum: Callable[[Any], Any] | None = None
+    accumulate: bool = False
+
+    def reduce(self, a: Any) -> Any:
+        """Sum ``a`` over ranks (in place where possible) and return it."""
+        return a if self.allreduce_sum is None else self.allreduce_sum(a)
+
+
+class Layer:
+    """Base class: subclasses set ``kind`` and implement build/forward/backward."""
+
+    kind: ClassVar[str] = ""
+    #: parameter names excluded from weight decay when the user asks for that
+    no_decay: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.in_shape: Shape = ()
+        self.out_shape: Shape = ()
+        self.dtype: Any = np.float32
+        self.params: dict[str, Any] = {}
+        self.grads: dict[str, Any] = {}
+        self.state: dict[str, Any] = {}
+
+    # -- description -------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        """The JSON-able spec that rebuilds this layer: ``{"type": kind, **options}``."""
+        return {"type": self.kind, **self.options()}
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def build(self, in_shape: Shape, dtype: Any) -> Shape:
+        """Check ``in_shape`` (per sample, no batch axis) and return the output shape."""
+        self.in_shape = tuple(in_shape)
+        self.dtype = np.dtype(dtype)
+        self.out_shape = tuple(self.output_shape(self.in_shape))
+        if any(d <= 0 for d in self.out_shape):
+            raise UserError(
+                f"layer {self.name or self.kind}: input shape {self.in_shape} gives output "
+                f"shape {self.out_shape}; the layer is larger than its input")
+        return self.out_shape
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return in_shape
+
+    def param_shapes(self) -> dict[str, Shape]:
+        """Trainable parameters, in buffer order."""
+        return {}
+
+    def state_shapes(self) -> dict[str, Shape]:
+        """Non-trainable state kept with the model (e.g. running statistics)."""
+        return {}
+
+    def init_params(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Initial host values for every parameter, drawn from ``rng`` only."""
+        return {}
+
+    def init_state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def flops_per_sample(self) -> int:
+        """Forward floating-point operations per sample (multiply-add = 2)."""
+        return 0
+
+    # -- computation -------------------------------------------------------------
+    def forward(self, x: Any, ctx: Context) -> Any:
+        raise NotImplementedError
+
+    def backward(self, dy: Any, ctx: Context, need_dx: bool = True) -> Any:
+        """Gradient w.r.t. the input; parameter gradients go into ``self.grads`` in place."""
+        raise NotImplementedError
+
+    def set_grad(self, name: str, value: Any, ctx: Context) -> None:
+        """Write (or, when accumulating micro-batches, add) a parameter gradient."""
+        g = self.grads[name]
+        if ctx.accumulate:
+            g += value.reshape(g.shape)
+        else:
+            g[...] = value.reshape(g.shape)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+LAYERS: dict[str, type[Layer]] = {}
+
+
+def register(cls: type[Layer]) -> type[Layer]:
+    """Class decorator: make a layer buildable from a spec ``{"type": cls.kind, ...}``."""
+    LAYERS[cls.kind] = cls
+    return cls
+
+
+def layer_from_spec(spec: dict[str, Any]) -> Layer:
+    """Build a layer from its spec, with one-line errors for unknown types or options."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise UserError(f"a layer spec needs a 'type' key: {spec!r}")
+    opts = dict(spec)
+    kind = str(opts.pop("type")).lower()
+    cls = LAYERS.get(kind)
+    if cls is None:
+        raise UserError(f"unknown layer type {kind!r}; known: {', '.join(sorted(LAYERS))}")
+    try:
+        return cls(**opts)
+    except TypeError as e:
+        raise UserError(f"layer {kind!r}: {e}") from None
+    except ValueError as e:
+        raise UserError(f"layer {kind!r}: {e}") from None

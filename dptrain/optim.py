@@ -1,0 +1,179 @@
+"""Optimizers and learning-rate schedules on flat parameter/gradient buffers.
+
+Every update is a handful of whole-buffer array operations; optimizer state is flat
+buffers of the same layout as the parameters, so it checkpoints as a few arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+Schedule = Callable[[int], float]
+
+
+def make_schedule(name: str, base_lr: float, total_steps: int, warmup_steps: int = 0,
+                  step_size: int = 1, gamma: float = 0.1, min_lr: float = 0.0) -> Schedule:
+    """``lr(step)`` for constant | step | cosine, with optional linear warmup in front.
+
+    During warmup the rate rises linearly from base_lr/warmup to base_lr; the main schedule
+    then runs on the steps after warmup.
+    """
+    if base_lr <= 0:
+        raise UserError(f"lr must be positive, not {base_lr}")
+    if warmup_steps < 0:
+        raise UserError("warmup_steps must be >= 0")
+
+    if name == "constant":
+        def main(t: int) -> float:
+            return base_lr
+    elif name == "step":
+        if step_size <= 0:
+            raise UserError("lr_step_size must be positive")
+
+        def main(t: int) -> float:
+            return base_lr * gamma ** (t // step_size)
+    elif name == "cosine":
+        span = max(1, total_steps - warmup_steps)
+
+        def main(t: int) -> float:
+            frac = min(t, span) / span
+            return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * frac))
+    else:
+        raise UserError(f"unknown lr schedule {name!r}; known: constant, step, cosine")
+
+    if warmup_steps == 0:
+        return main
+
+    def warmed(t: int) -> float:
+        if t < warmup_steps:
+            return base_lr * (t + 1) / warmup_steps
+        return main(t - warmup_steps)
+    return warmed
+
+
+class Optimizer:
+    """Base: holds the flat buffers, weight-decay mask, clipping and the step count."""
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, params: Any, grads: Any, xp: ModuleType = np, weight_decay: float = 0.0,
+                 decay_mask: np.ndarray | None = None) -> None:
+        if weight_decay < 0:
+            raise UserError("weight_decay must be >= 0")
+        self.params, self.grads, self.xp = params, grads, xp
+        self.weight_decay = weight_decay
+        self.decay_mask = None if decay_mask is None else xp.asarray(decay_mask)
+        self.step_count = 0
+        self.state = {n: xp.zeros_like(params) for n in self.state_names}
+        self._tmp = xp.empty_like(params)
+
+    def _decay_term(self) -> Any:
+        """weight_decay * params (masked), into a scratch buffer."""
+        t = self._tmp
+        self.xp.multiply(self.params, self.weight_decay, out=t)
+        if self.decay_mask is not None:
+            t *= self.decay_mask
+        return t
+
+    def step(self, lr: float) -> None:
+        self.step_count += 1
+        self._update(lr)
+
+    def _update(self, lr: float) -> None:
+        raise NotImplementedError
+
+
+class SGD(Optimizer):
+    """SGD with momentum (PyTorch convention: v = m*v + g; p -= lr*v) and Nesterov."""
+
+    def __init__(self, params: Any, grads: Any, xp: ModuleType = np, momentum: float = 0.0,
+                 nesterov: bool = False, **kw: Any) -> None:
+        self.state_names = ("momentum",) if momentum else ()
+        if nesterov and not momentum:
+            raise UserError("nesterov needs momentum > 0")
+        super().__init__(params, grads, xp, **kw)
+        self.momentum, self.nesterov = momentum, nesterov
+
+    def _update(self, lr: float) -> None:
+        g = self.grads
+        if self.weight_decay:
+            g += self._decay_term()
+        if not self.momentum:
+            self.params -= self.xp.multiply(g, lr, out=self._tmp)
+            return
+        v = self.state["momentum"]
+        v *= self.momentum
+        v += g
+        if self.nesterov:
+            upd = self.xp.multiply(v, self.momentum, out=self._tmp)
+            upd += g
+        else:
+            upd = v
+        upd = self.xp.multiply(upd, lr, out=self._tmp)
+        self.params -= upd
+
+
+class Adam(Optimizer):
+    """Adam; ``decoupled=True`` is AdamW (decay applied to the weights, not the gradient)."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: Any, grads: Any, xp: ModuleType = np, beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8, decoupled: bool = False,
+                 **kw: Any) -> None:
+        super().__init__(params, grads, xp, **kw)
+        self.beta1, self.beta2, self.eps, self.decoupled = beta1, beta2, eps, decoupled
+        self._tmp2 = xp.empty_like(params)
+
+    def _update(self, lr: float) -> None:
+        xp, g = self.xp, self.grads
+        if self.weight_decay:
+            if self.decoupled:
+                self.params -= self._decay_term() * lr
+            else:
+                g += self._decay_term()
+        m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+        m *= self.beta1
+        m += xp.multiply(g, 1 - self.beta1, out=self._tmp2)
+        v *= self.beta2
+        sq = xp.multiply(g, g, out=self._tmp)
+        sq *= 1 - self.beta2
+        v += sq
+        t = self.step_count
+        bc1 = 1 - self.beta1 ** t
+        bc2 = 1 - self.beta2 ** t
+        denom = xp.sqrt(v, out=self._tmp)
+        denom *= 1 / math.sqrt(bc2)
+        denom += self.eps
+        upd = xp.divide(m, denom, out=self._tmp2)
+        upd *= lr / bc1
+        self.params -= upd
+
+
+def clip_grad_norm(grads: Any, max_norm: float, xp: ModuleType = np) -> float:
+    """Scale ``grads`` in place so that its global L2 norm is at most ``max_norm``."""
+    norm = float(xp.sqrt(xp.dot(grads, grads)))
+    if max_norm > 0 and norm > max_norm:
+        grads *= max_norm / (norm + 1e-12)
+    return norm
+
+
+def make_optimizer(name: str, params: Any, grads: Any, xp: ModuleType = np, *,
+                   momentum: float = 0.9, nesterov: bool = False, beta1: float = 0.9,
+                   beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                   decay_mask: np.ndarray | None = None) -> Optimizer:
+    """Build ``sgd`` | ``adam`` | ``adamw`` over the flat buffers."""
+    kw = {"weight_decay": weight_decay, "decay_mask": decay_mask}
+    if name == "sgd":
+        return SGD(params, grads, xp, momentum=momentum, nesterov=nesterov, **kw)
+    if name in ("adam", "adamw"):
+        return Adam(params, grads, xp, beta1=beta1, beta2=beta2, eps=eps,
+                    decoupled=name == "adamw", **kw)
+    raise UserError(f"unknown optimizer {name!r}; known: sgd, adam, adamw")

@@ -1,0 +1,103 @@
+"""The run directory: an exclusive lock, the resolved config and the metrics log.
+
+Only rank 0 touches it. The lock file names its owner's host and pid, so a second job
+pointed at the same directory fails with a clear message instead of interleaving files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+LOCK_NAME = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunDir:
+    """Owns ``path`` for the duration of a run (rank 0 only)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock: Path | None = None
+        self._metrics = None
+
+    def open(self) -> RunDir:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"run directory {self.path} cannot be created: "
+                            f"{e.strerror or e}") from None
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise UserError(f"run directory {self.path} is not writable")
+        self._acquire()
+        try:
+            self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        except OSError as e:
+            self._release()
+            raise UserError(f"run directory {self.path}: cannot write metrics.jsonl: "
+                            f"{e.strerror or e}") from None
+        return self
+
+    def _acquire(self) -> None:
+        lock = self.path / LOCK_NAME
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = lock.read_text(errors="replace").strip() if lock.exists() else ""
+                host, _, pid = owner.partition(" ")
+                stale = (host == socket.gethostname() and pid.isdigit()
+                         and not _pid_alive(int(pid)))
+                if stale:
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise UserError(
+                    f"run directory {self.path} is in use by another job ({owner or 'unknown'}, "
+                    f"lock file {lock}); use another run_dir or remove the lock if that job "
+                    "is gone") from None
+            except OSError as e:
+                raise UserError(f"run directory {self.path} is not writable: "
+                                f"{e.strerror or e}") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+            self._lock = lock
+            return
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.unlink(missing_ok=True)
+            self._lock = None
+
+    def write_config(self, resolved: dict[str, Any]) -> None:
+        tmp = self.path / "config.json.tmp"
+        tmp.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.path / "config.json")
+
+    def log(self, event: str, **fields: Any) -> None:
+        """Append one JSON object to metrics.jsonl."""
+        if self._metrics is None:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        self._metrics.write(json.dumps(record, sort_keys=True, default=float) + "\n")
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        self._release()

@@ -1,0 +1,571 @@
+"""The training loop: global batches, steps, evaluation, metrics, checkpoints, signals.
+
+Every rank runs the same loop on its contiguous shard of each global batch. The loss is
+scaled by 1/global batch, so summing gradients over ranks gives the global-batch gradient
+with no further scaling, and every rank applies the same update to the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .backend import Backend, select_backend
+from .config import Config, parse_checkpoint_every
+from .data import DataSplits, GlobalSampler, load_dataset, shard, validate_for_model
+from .dist.comm import Communicator, LocalComm
+from .dist.sync import GradSync
+from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, agreed
+from .nn import Context, NonFiniteError, Sequential, get_loss, layer_from_spec, preset_layers
+from .optim import clip_grad_norm, make_optimizer, make_schedule
+from .rundir import RunDir
+from .timeline import Timeline
+from .watchdog import Watchdog
+
+PHASES = ("data", "forward", "backward", "sync_wait", "optimizer")
+
+
+class StopTraining(Exception):  # noqa: N818  (not always an error: preemption)
+    """Raised inside the loop to end training early with an exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class EpochStats:
+    """Sums over one epoch on this rank (reduced across ranks when reported)."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    samples: float = 0.0
+    steps: int = 0
+    times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+
+def build_model(cfg: Config, input_shape: tuple[int, ...], num_outputs: int,
+                backend: Backend) -> Sequential:
+    """The configured model (preset or layer list) on ``backend``, not yet initialised."""
+    specs = cfg.layers if cfg.layers else preset_layers(cfg.model, num_outputs)
+    layers = [layer_from_spec(dict(s)) for s in specs]
+    return Sequential(layers, input_shape, cfg.dtype, backend.xp)
+
+
+def replica_checksum(params: np.ndarray, state: np.ndarray) -> int:
+    """CRC32 of parameter and state bytes: equal on every rank when replicas agree."""
+    crc = zlib.crc32(np.ascontiguousarray(params).view(np.uint8))
+    return zlib.crc32(np.ascontiguousarray(state).view(np.uint8), crc)
+
+
+class Trainer:
+    """One rank's view of a training run."""
+
+    def __init__(self, cfg: Config, comm: Communicator | None = None) -> None:
+        self.cfg = cfg
+        self.comm = comm or LocalComm()
+        self.rank, self.world = self.comm.rank, self.comm.size
+        self.is_root = self.rank == 0
+        self.stop_signal: int | None = None
+        self.run_dir: RunDir | None = None
+        self.timeline = Timeline(bool(cfg.timeline), self.rank)
+        self.state = ckpt.TrainerState()
+        self._last_ckpt_time = time.monotonic()
+        self._consecutive_skips = 0
+
+    # -- output ----------------------------------------------------------------------
+    def say(self, msg: str, all_ranks: bool = False) -> None:
+        """Rank 0 prints; with --verbose every rank prints, tagged with its rank."""
+        if self.cfg.verbose and self.world > 1:
+            print(f"[rank {self.rank}] {msg}", flush=True)
+        elif self.is_root or (all_ranks and self.cfg.verbose):
+            print(msg, flush=True)
+
+    def log(self, event: str, **fields: Any) -> None:
+        if self.run_dir is not None:
+            self.run_dir.log(event, **fields)
+
+    # -- set-up ----------------------------------------------------------------------
+    def setup(self) -> None:
+        """Data, model, optimizer, sync, sampler and run directory; all ranks agree."""
+        cfg = self.cfg
+        self.backend = select_backend(cfg.device, self.comm.local_rank, self.comm.local_size,
+                                      cfg.allow_gpu_sharing)
+        self.xp = self.backend.xp
+        self.data: DataSplits = load_dataset(
+            cfg.dataset, dtype=cfg.dtype, seed=cfg.seed,
+            synthetic_shape=tuple(cfg.synthetic_shape),
+            synthetic_classes=cfg.synthetic_classes, synthetic_samples=cfg.synthetic_samples)
+        train = self.data.train
+        num_out = self._num_outputs()
+        self.model = build_model(cfg, train.sample_shape, num_out, self.backend)
+        if self.model.output_shape != (num_out,):
+            raise UserError(f"the model's output shape {self.model.output_shape} does not "
+                            f"match the dataset's {num_out} classes/targets")
+        validate_for_model(self.data, self.model.input_shape, num_out, cfg.loss)
+        self.model.initialize(cfg.seed)
+        self.loss = get_loss(cfg.loss)
+
+        self.micro_batch = cfg.global_batch(self.world)
+        self.step_batch = self.micro_batch * cfg.accum_steps
+        if self.micro_batch < self.world and cfg.batch_per_rank == 0:
+            self.say(f"note: global batch {self.micro_batch} < {self.world} ranks; "
+                     "some ranks get no samples in a step (they still join every collective)")
+        self.sampler = GlobalSampler(len(train), self.step_batch, cfg.seed)
+        self.steps_per_epoch = self.sampler.num_batches
+        total = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        self.total_steps = total
+        self.schedule = make_schedule(cfg.lr_schedule, cfg.lr, total, cfg.warmup_steps,
+                                      cfg.lr_step_size, cfg.lr_gamma, cfg.min_lr)
+        self.optimizer = make_optimizer(
+            cfg.optimizer, self.model.params, self.model.grads, self.xp,
+            momentum=cfg.momentum, nesterov=cfg.nesterov, beta1=cfg.beta1, beta2=cfg.beta2,
+            eps=cfg.eps, weight_decay=cfg.weight_decay,
+            decay_mask=self.model.decay_mask(not cfg.decay_bias_norm))
+        self.optimizer.name = cfg.optimizer
+        self.sync = GradSync(self.comm, self.model.grads, int(cfg.bucket_mb * (1 << 20)),
+                             cfg.overlap)
+        self.ckpt_kind, self.ckpt_amount = parse_checkpoint_every(cfg.checkpoint_every)
+        self.watchdog = Watchdog(cfg.collective_timeout, lambda what: self.comm.abort(1),
+                                 self.rank)
+        self._ctx_reduce = self.comm.allreduce_sum if self.world > 1 else None
+
+    def _num_outputs(self) -> int:
+        y = self.data.train.y
+        if y.ndim == 2:
+            return int(y.shape[1])
+        if self.data.num_classes:
+            return int(self.data.num_classes)
+        return int(y.max()) + 1 if len(y) else 0
+
+    def open_run_dir(self) -> None:
+        """Rank 0 locks the run directory and records the resolved config."""
+        if self.is_root:
+            self.run_dir = RunDir(self.cfg.run_dir).open()
+            self.run_dir.write_config(self.cfg.resolved())
+
+    def resume_or_broadcast(self) -> None:
+        """Load a checkpoint on rank 0 if asked, then broadcast everything from rank 0."""
+        cfg = self.cfg
+        msg = b""
+        if self.is_root and cfg.resume:
+            try:
+                msg = self._load_resume().encode()
+            except UserError as e:
+                msg = b"E" + str(e).encode()
+        if self.world > 1:
+            msg = self.comm.bcast_bytes(msg)
+        if msg.startswith(b"E"):
+            raise agreed(UserError(msg[1:].decode()))
+        if msg:
+            self.say(msg.decode())
+        # everything from rank 0: parameters, model state, optimizer state, trainer state
+        self.comm.bcast(self.model.params)
+        self.comm.bcast(self.model.state)
+        for buf in self.optimizer.state.values():
+            self.comm.bcast(buf)
+        st = self.state
+        nums = np.array([st.epoch, st.epoch_pos, st.global_step, st.samples_seen,
+                         st.best_metric, st.skipped_steps, self.optimizer.step_count],
+                        np.float64)
+        if self.world > 1:
+            self.comm.bcast(nums)
+        (st.epoch, st.epoch_pos, st.global_step, st.samples_seen) = (int(v) for v in nums[:4])
+        st.best_metric, st.skipped_steps = float(nums[4]), int(nums[5])
+        self.optimizer.step_count = int(nums[6])
+        self.check_replicas("start")
+
+    def _load_resume(self) -> str:
+        cfg = self.cfg
+        if cfg.resume == "auto":
+            found = ckpt.find_resumable(cfg.run_dir, warn=self.say)
+            if found is None:
+                return "no checkpoint to resume from in " + str(ckpt.checkpoint_dir(cfg.run_dir))
+            path, ck = found
+        else:
+            path = Path(cfg.resume)
+            ck = ckpt.read_file(path)
+            if ck.kind != "checkpoint":
+                raise UserError(f"{path} is a saved model, not a checkpoint; it cannot resume "
+                                "training (use it with `dptrain eval`)")
+        ckpt.check_compatible(ck, self.model, path)
+        if ck.optimizer_name != cfg.optimizer:
+            raise UserError(f"checkpoint {path} was written with optimizer {ck.optimizer_name}, "
+                            f"the config asks for {cfg.optimizer}")
+        xp = self.xp
+        self.model.params[...] = xp.asarray(ckpt.flatten(self.model, ck.params))
+        self.model.state[...] = xp.asarray(ckpt.flatten(self.model, ck.state, "state"))
+        for name, buf in self.optimizer.state.items():
+            if name not in ck.optimizer_state:
+                raise UserError(f"checkpoint {path} lacks optimizer state {name!r}")
+            buf[...] = xp.asarray(ckpt.flatten(self.model, ck.optimizer_state[name]))
+        self.optimizer.step_count = ck.optimizer_step
+        self.state = ck.trainer
+        return (f"resumed from {path} (epoch {ck.trainer.epoch + 1}, step "
+                f"{ck.trainer.global_step}, saved by {ck.meta.get('world_size')} rank(s))")
+
+    def check_replicas(self, when: str) -> None:
+        """Every rank's parameter checksum, compared; a mismatch names the ranks."""
+        if self.world == 1:
+            return
+        sums = np.zeros(self.world, np.float64)
+        sums[self.rank] = replica_checksum(self.backend.to_host(self.model.params),
+                                           self.backend.to_host(self.model.state))
+        sums = self.comm.allreduce_scalars(sums)
+        if np.all(sums == sums[0]):
+            return
+        groups: dict[float, list[int]] = {}
+        for r, s in enumerate(sums):
+            groups.setdefault(float(s), []).append(r)
+        desc = "; ".join(f"ranks {v}" for v in groups.values())
+        raise StopTraining(1, f"replica drift at {when} (step {self.state.global_step}): "
+                              f"parameters differ between {desc}")
+
+    # -- signals -----------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_signal is None:
+                self.stop_signal = signum
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    # -- the loop --------------------------------------------------------------------
+    def train(self) -> int:
+        """Run to the end (or to a signal); returns the process exit code."""
+        cfg, st = self.cfg, self.state
+        self.say(self.model.summary() if self.is_root else "")
+        self.say(f"dptrain: {self.world} rank(s), global batch {self.step_batch} "
+                 f"({self.micro_batch} x {cfg.accum_steps} micro-batches), "
+                 f"{len(self.data.train)} training samples, {self.steps_per_epoch} steps/epoch, "
+                 f"device {self.backend.name}, {self.sync.buckets.__len__()} gradient bucket(s)"
+                 f", overlap {'on' if cfg.overlap else 'off'}")
+        self.log("start", world_size=self.world, global_batch=self.step_batch,
+                 steps_per_epoch=self.steps_per_epoch, params=self.model.num_params,
+                 resumed_step=st.global_step, buckets=len(self.sync.buckets))
+        code = EXIT_OK
+        try:
+            while st.epoch < cfg.epochs and not self._reached_max_steps():
+                self._run_epoch()
+                if self._agree_stop():
+                    self._preempt()
+        except StopTraining as e:
+            if e.code == EXIT_PREEMPTED:
+                self.say(str(e))
+                code = e.code
+            else:
+                raise
+        if code == EXIT_OK:
+            self.save_checkpoint(final=True)
+            self.save_model()
+            self.log("end", step=st.global_step, epoch=st.epoch)
+        return code
+
+    def _reached_max_steps(self) -> bool:
+        return bool(self.cfg.max_steps) and self.state.global_step >= self.cfg.max_steps
+
+    def _agree_stop(self) -> bool:
+        flag = 0.0 if self.stop_signal is None else 1.0
+        return bool(self.comm.allreduce_scalars([flag], "max")[0] > 0)
+
+    def _run_epoch(self) -> None:
+        cfg, st = self.cfg, self.state
+        epoch = st.epoch
+        stats = EpochStats()
+        t_epoch = time.perf_counter()
+        first = -(-st.epoch_pos // self.step_batch)  # batches of this epoch already done
+        bar = self._progress(epoch, first)
+        for i in range(first, self.steps_per_epoch):
+            idx = self.sampler.batch(epoch, i)
+            self._step(idx, epoch, stats)
+            st.epoch_pos += len(idx)
+            st.samples_seen += len(idx)
+            if bar is not None:
+                bar.update(1)
+            if self._reached_max_steps() or i == self.steps_per_epoch - 1:
+                break  # the epoch's end handles signals after its bookkeeping
+            if self._agree_stop():
+                if bar is not None:
+                    bar.close()
+                self._preempt()
+            if cfg.log_every and st.global_step % cfg.log_every == 0:
+                self._log_steps(stats)
+            if (cfg.drift_check_every and st.global_step % cfg.drift_check_every == 0):
+                self.check_replicas("drift check")
+            self._maybe_checkpoint(end_of_epoch=False)
+        if bar is not None:
+            bar.close()
+        epoch_done = st.epoch_pos >= len(self.data.train)
+        if epoch_done:
+            st.epoch += 1
+            st.epoch_pos = 0
+        elapsed = time.perf_counter() - t_epoch
+        self._report_epoch(epoch, stats, elapsed)
+        if not cfg.drift_check_every:
+            self.check_replicas(f"end of epoch {epoch + 1}")
+        if epoch_done:
+            self._maybe_checkpoint(end_of_epoch=True)
+
+    def _progress(self, epoch: int, first: int) -> Any:
+        mode = self.cfg.progress
+        tty = sys.stdout.isatty()
+        if not self.is_root or mode == "off" or (mode == "auto" and not tty):
+            return None
+        from tqdm import tqdm  # noqa: PLC0415
+
+        return tqdm(total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}",
+                    unit="step", leave=False, dynamic_ncols=True)
+
+    def _step(self, idx: np.ndarray, epoch: int, stats: EpochStats) -> None:
+        """One optimizer step on global batch ``idx`` (all micro-batches)."""
+        cfg, xp, tl = self.cfg, self.xp, self.timeline
+        times = stats.times
+        k = cfg.accum_steps
+        scale = 1.0 / len(idx)
+        loss_total = 0.0
+        correct_total = 0
+        local_total = 0
+        step = self.state.global_step
+        for j in range(k):
+            micro = idx[j * self.micro_batch:(j + 1) * self.micro_batch]
+            last = j == k - 1
+            t0 = time.perf_counter()
+            local = shard(micro, self.rank, self.world)
+            local_total += len(local)
+            x = xp.asarray(self.data.train.x[local])
+            y = xp.asarray(self.data.train.y[local])
+            t1 = time.perf_counter()
+            ctx = Context(xp=xp, training=True, seed=cfg.seed, epoch=epoch, sample_index=local,
+                          global_batch=len(micro), allreduce_sum=self._ctx_reduce,
+                          accumulate=j > 0)
+            try:
+                out = self.model.forward(x, ctx, check_finite=cfg.debug)
+                loss = self.loss.forward(out, y, scale, xp)
+                correct_total += self.loss.correct(out, y, xp)
+                loss_total += float(loss)
+                dout = self.loss.backward()
+                t2 = time.perf_counter()
+                if last:
+                    self.sync.start()
+                self.model.backward(dout, ctx, self.sync.on_ready if last else None,
+                                    check_finite=cfg.debug)
+            except NonFiniteError as e:
+                raise StopTraining(1, f"non-finite values at step {step + 1}: {e}") from None
+            t3 = time.perf_counter()
+            times["data"] += t1 - t0
+            times["forward"] += t2 - t1
+            times["backward"] += t3 - t2
+            tl.add("data", t0, t1, micro=j)
+            tl.add("forward", t1, t2, micro=j)
+            tl.add("backward", t2, t3, micro=j)
+        t3 = time.perf_counter()
+        self.watchdog.arm(f"gradient allreduce of step {step + 1}")
+        self.sync.finish()
+        self.watchdog.disarm()
+        t4 = time.perf_counter()
+        tl.add("sync_wait", t3, t4, buckets=len(self.sync.buckets))
+        times["sync_wait"] += t4 - t3
+        skipped = self._guard_nonfinite(step)
+        if not skipped:
+            if cfg.clip_norm:
+                clip_grad_norm(self.model.grads, cfg.clip_norm, xp)
+            self.optimizer.step(self.schedule(self.state.global_step))
+        t5 = time.perf_counter()
+        times["optimizer"] += t5 - t4
+        tl.add("optimizer", t4, t5)
+        self.state.global_step += 1
+        stats.loss_sum += loss_total
+        stats.correct += correct_total
+        stats.samples += local_total
+        stats.steps += 1
+
+    def _guard_nonfinite(self, step: int) -> bool:
+        """After the allreduce every rank sees the same gradient: all agree on NaN/Inf."""
+        g = self.model.grads
+        norm2 = float(self.xp.dot(g, g)) if g.size else 0.0
+        if math.isfinite(norm2):
+            self._consecutive_skips = 0
+            return False
+        if self.cfg.on_nonfinite == "stop":
+            raise StopTraining(1, f"non-finite loss or gradient at step {step + 1} "
+                                  "(use --debug to find the layer, or --on-nonfinite skip)")
+        self.state.skipped_steps += 1
+        self._consecutive_skips += 1
+        self.say(f"warning: non-finite gradient at step {step + 1}; update skipped "
+                 f"({self._consecutive_skips} in a row)")
+        if self._consecutive_skips >= self.cfg.max_skips:
+            raise StopTraining(1, f"{self._consecutive_skips} consecutive non-finite steps "
+                                  f"(up to step {step + 1}); stopping")
+        return True
+
+    # -- reporting ------------------------------------------------------------------
+    def _reduced(self, stats: EpochStats) -> tuple[float, float, float, dict[str, float]]:
+        sums = self.comm.allreduce_scalars([stats.loss_sum, stats.correct, stats.samples])
+        tmax = self.comm.allreduce_scalars([stats.times[p] for p in PHASES], "max")
+        per = max(1, stats.steps)
+        timing = {f"{p}_ms": round(1000 * t / per, 3) for p, t in zip(PHASES, tmax, strict=True)}
+        return float(sums[0]), float(sums[1]), float(sums[2]), timing
+
+    def _log_steps(self, stats: EpochStats) -> None:
+        loss_sum, correct, n, _ = self._reduced(stats)
+        steps = max(1, stats.steps)
+        self.log("step", step=self.state.global_step, epoch=self.state.epoch + 1,
+                 train_loss=loss_sum / steps, train_acc=correct / max(1.0, n),
+                 lr=self.schedule(max(0, self.state.global_step - 1)))
+
+    def _report_epoch(self, epoch: int, stats: EpochStats, elapsed: float) -> None:
+        loss_sum, correct, n, timing = self._reduced(stats)
+        steps = max(1, stats.steps)
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1, "step": self.state.global_step,
+            "train_loss": loss_sum / steps, "train_acc": correct / max(1.0, n),
+            "samples_per_sec": n / elapsed if elapsed > 0 else 0.0, "epoch_time": elapsed,
+            "lr": self.schedule(max(0, self.state.global_step - 1)),
+            "skipped_steps": self.state.skipped_steps, "timing_ms_per_step": timing}
+        line = (f"epoch {epoch + 1}/{self.cfg.epochs}  train loss {rec['train_loss']:.4f} "
+                f"acc {rec['train_acc']:.4f}")
+        if self.data.test is not None and len(self.data.test):
+            ev = self.evaluate("test")
+            rec.update(test_loss=ev["loss"], test_acc=ev["accuracy"])
+            line += f"  test loss {ev['loss']:.4f} acc {ev['accuracy']:.4f}"
+            self._track_best(ev["accuracy"])
+        line += f"  {rec['samples_per_sec']:.0f} samples/s  {elapsed:.2f}s"
+        if stats.steps and self.world > 1:
+            line += f"  (sync wait {timing['sync_wait_ms']:.2f} ms/step)"
+        self.say(line)
+        self.log("epoch", **rec)
+
+    def _track_best(self, acc: float) -> None:
+        st = self.state
+        if math.isnan(st.best_metric) or acc > st.best_metric:
+            st.best_metric = acc
+            self._best_pending = True
+
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """Loss and accuracy on a split, sharded over ranks and reduced."""
+        ds = self.data.test if split == "test" else self.data.train
+        return evaluate_model(self.model, self.loss, ds, self.comm, self.xp,
+                              self.cfg.eval_batch_size)
+
+    # -- checkpoints -----------------------------------------------------------------
+    def _maybe_checkpoint(self, end_of_epoch: bool) -> None:
+        kind, amount = self.ckpt_kind, self.ckpt_amount
+        due = False
+        if kind == "epoch":
+            due = end_of_epoch
+        elif kind == "steps":
+            due = not end_of_epoch and self.state.global_step % int(amount) == 0
+        elif kind == "seconds" and not end_of_epoch:
+            elapsed = time.monotonic() - self._last_ckpt_time
+            due = bool(self.comm.allreduce_scalars([elapsed], "max")[0] >= amount)
+        if due:
+            self.save_checkpoint()
+        if end_of_epoch and getattr(self, "_best_pending", False):
+            self._best_pending = False
+            self.save_checkpoint(best=True)
+
+    def _host_snapshot(self) -> dict[str, Any]:
+        to_host = self.backend.to_host
+        return {"params": to_host(self.model.params).copy(),
+                "state": to_host(self.model.state).copy(),
+                "opt_state": {k: to_host(v).copy() for k, v in self.optimizer.state.items()}}
+
+    def save_checkpoint(self, final: bool = False, best: bool = False) -> Path | None:
+        """Rank 0 writes atomically; every rank learns whether it worked."""
+        t0 = time.perf_counter()
+        st = self.state
+        d = ckpt.checkpoint_dir(self.cfg.run_dir)
+        path = d / ckpt.BEST_NAME if best else ckpt.checkpoint_path(self.cfg.run_dir,
+                                                                      st.global_step)
+        error = b""
+        if self.is_root:
+            try:
+                if not path.exists() or best:
+                    d.mkdir(parents=True, exist_ok=True)
+                    snap = self._host_snapshot()
+                    ckpt.write_file(path, kind="checkpoint", model=self.model,
+                                    params=snap["params"], state=snap["state"],
+                                    config=self.cfg.resolved(), world_size=self.world,
+                                    optimizer=self.optimizer, opt_state=snap["opt_state"],
+                                    trainer=st, seed=self.cfg.seed)
+                    if not best:
+                        ckpt.prune(self.cfg.run_dir, self.cfg.keep_last)
+            except (UserError, OSError) as e:
+                error = str(e).encode() or b"checkpoint write failed"
+        if self.world > 1:
+            error = self.comm.bcast_bytes(error)
+        self._last_ckpt_time = time.monotonic()
+        t1 = time.perf_counter()
+        self.timeline.add("checkpoint", t0, t1, path=str(path))
+        if error:
+            msg = f"checkpoint write failed: {error.decode()}"
+            if self.cfg.continue_on_checkpoint_error and not final:
+                self.say(f"warning: {msg}; training goes on (continue_on_checkpoint_error)")
+                return None
+            raise agreed(UserError(msg + " (previous checkpoints are intact)"))
+        self.log("checkpoint", step=st.global_step, epoch=st.epoch, path=str(path),
+                 seconds=round(t1 - t0, 4), best=best)
+        return path
+
+    def save_model(self) -> Path | None:
+        """The final model (architecture + weights) as run_dir/model.h5."""
+        if not self.is_root:
+            return None
+        snap = self._host_snapshot()
+        path = Path(self.cfg.run_dir) / "model.h5"
+        ckpt.write_file(path, kind="model", model=self.model, params=snap["params"],
+                        state=snap["state"], config=self.cfg.resolved(),
+                        world_size=self.world, seed=self.cfg.seed)
+        self.say(f"saved model to {path}")
+        return path
+
+    def _preempt(self) -> None:
+        sig = self.stop_signal
+        name = signal.Signals(sig).name if sig else "a signal on another rank"
+        path = self.save_checkpoint()
+        self.log("preempted", step=self.state.global_step, signal=name, path=str(path))
+        raise StopTraining(EXIT_PREEMPTED, f"stopping on {name} at step "
+                                           f"{self.state.global_step}: checkpoint {path}; "
+                                           "resume with --resume auto")
+
+    def close(self) -> None:
+        self.watchdog.close() if hasattr(self, "watchdog") else None
+        if self.cfg.timeline:
+            p = Path(self.cfg.timeline)
+            if self.world > 1:
+                p = p.with_name(f"{p.stem}.rank{self.rank}{p.suffix}")
+            self.timeline.write(p)
+        if self.run_dir is not None:
+            self.run_dir.close()
+
+
+def evaluate_model(model: Sequential, loss: Any, ds: Any, comm: Communicator, xp: Any,
+                   batch: int) -> dict[str, float]:
+    """Mean loss and accuracy over ``ds``; each rank takes its shard of every batch."""
+    total_loss, correct, n = 0.0, 0.0, 0.0
+    ctx = Context(xp=xp, training=False,
+                  allreduce_sum=comm.allreduce_sum if comm.size > 1 else None)
+    for start in range(0, len(ds), batch):
+        idx = np.arange(start, min(start + batch, len(ds)))
+        local = shard(idx, comm.rank, comm.size)
+        x = xp.asarray(ds.x[local])
+        y = xp.asarray(ds.y[local])
+        ctx.sample_index = local
+        out = model.forward(x, ctx)
+        total_loss += float(loss.forward(out, y, 1.0, xp))
+        correct += loss.correct(out, y, xp)
+        n += len(local)
+    sums = comm.allreduce_scalars([total_loss, correct, n])
+    n_all = max(1.0, sums[2])
+    return {"loss": float(sums[0] / n_all), "accuracy": float(sums[1] / n_all),
+            "samples": int(sums[2])}
