@@ -286,6 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run.rank == 0:
             _print_error(run, e, args.traceback)
         return e.code
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly
+        import os  # noqa: PLC0415
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         if run.world > 1:
             run.comm.abort(130)

@@ -187,6 +187,9 @@ def make_config(values: dict[str, Any]) -> Config:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(f"unknown config key {key!r}{hint}")
         kwargs[key] = _coerce(key, value)
+    for key in ("batch_size", "batch_per_rank"):
+        if key in kwargs and kwargs[key] <= 0:
+            raise UserError(f"{key} must be a positive number of samples, not {kwargs[key]}")
     cfg = Config(**kwargs)
     validate(cfg)
     return cfg

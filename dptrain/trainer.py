@@ -310,6 +310,9 @@ class Trainer:
             st.epoch += 1
             st.epoch_pos = 0
         elapsed = time.perf_counter() - t_epoch
+        # Unsynchronised BatchNorm keeps per-rank running statistics; like DDP's
+        # broadcast_buffers, rank 0's state becomes everyone's before eval and checkpoints.
+        self.comm.bcast(self.model.state)
         self._report_epoch(epoch, stats, elapsed)
         if not cfg.drift_check_every:
             self.check_replicas(f"end of epoch {epoch + 1}")

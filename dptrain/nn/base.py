@@ -8,6 +8,7 @@ plain ``allreduce_sum`` callable through the context.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -119,7 +120,10 @@ class Layer:
             g[...] = value.reshape(g.shape)
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        """The class with the options that differ from their defaults."""
+        params = inspect.signature(type(self).__init__).parameters
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items()
+                         if k not in params or params[k].default != v)
         return f"{type(self).__name__}({opts})"
 
 

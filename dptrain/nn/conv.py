@@ -69,8 +69,9 @@ def axis_geometry(size: int, k: int, s: int, pad: str | int) -> tuple[int, int, 
 class Window(Layer):
     """Sliding-window geometry and padded-input scratch shared by conv and pooling."""
 
-    def _set_window(self, kernel: Any, stride: Any, padding: Any) -> None:
-        self.kernel_hw = as_pair("kernel", kernel)
+    def _set_window(self, kernel: Any, stride: Any, padding: Any,
+                    kernel_name: str = "kernel") -> None:
+        self.kernel_hw = as_pair(kernel_name, kernel)
         self.stride_hw = as_pair("stride", stride)
         self.pad_spec = parse_padding(padding)
         self._scratch: dict[tuple[Any, ...], Any] = {}

@@ -191,7 +191,7 @@ class Sequential:
             counts[s.layer] = counts.get(s.layer, 0) + s.size
         rows.append(("input", str(self.input_shape), ""))
         for layer in self.layers:
-            rows.append((f"{layer.name} {layer!r}", str(layer.out_shape),
+            rows.append((f"{layer.name}  {layer!r}", str(layer.out_shape),
                          f"{counts.get(layer.name, 0):,}"))
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)

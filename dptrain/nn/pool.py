@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .base import Context, Shape, register
-from .conv import Window, as_pair, jsonable
+from .conv import Window, jsonable
 
 
 class _Pool(Window):
@@ -26,7 +26,7 @@ class _Pool(Window):
     def __init__(self, pool: int | list[int] = 2, stride: int | list[int] | None = None,
                  padding: str | int | list[int] = 0) -> None:
         super().__init__()
-        self._set_window(pool, pool if stride is None else stride, padding)
+        self._set_window(pool, pool if stride is None else stride, padding, "pool")
         if self.pad_spec != "same":
             ph, pw = self.pad_spec
             kh, kw = self.kernel_hw
