@@ -170,7 +170,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {p} is not valid TOML: {e}") from None
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict) and key not in FIELDS:
+        if isinstance(value, dict):  # no key takes a table: [model], [optimizer] group
             for k, v in value.items():
                 flat[k] = v
         else:

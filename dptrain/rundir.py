@@ -16,6 +16,8 @@ from typing import Any
 from .errors import UserError
 
 LOCK_NAME = ".lock"
+#: files of a run that a new run (one that does not resume) moves to previous/<time>/
+ARCHIVED = ("checkpoints", "model.h5", "metrics.jsonl", "config.json")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -35,8 +37,10 @@ class RunDir:
         self.path = Path(path)
         self._lock: Path | None = None
         self._metrics = None
+        self.archived: Path | None = None
 
-    def open(self) -> RunDir:
+    def open(self, fresh: bool = False) -> RunDir:
+        """Create and lock the directory; ``fresh`` moves an earlier run's files aside."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -45,6 +49,8 @@ class RunDir:
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise UserError(f"run directory {self.path} is not writable")
         self._acquire()
+        if fresh:
+            self._archive_previous()
         try:
             self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         except OSError as e:
@@ -78,6 +84,22 @@ class RunDir:
                 f.write(me + "\n")
             self._lock = lock
             return
+
+    def _archive_previous(self) -> Path | None:
+        """A new run (no --resume) never mixes with, nor deletes, an earlier one's files."""
+        old = [self.path / n for n in ARCHIVED if (self.path / n).exists()]
+        if not old:
+            return None
+        dest = self.path / "previous" / time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+        dest.mkdir(parents=True)
+        for p in old:
+            os.replace(p, dest / p.name)
+        self.archived = dest
+        return dest
 
     def _release(self) -> None:
         if self._lock is not None:

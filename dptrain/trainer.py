@@ -86,7 +86,9 @@ class Trainer:
     def say(self, msg: str, all_ranks: bool = False) -> None:
         """Rank 0 prints; with --verbose every rank prints, tagged with its rank."""
         if self.cfg.verbose and self.world > 1:
-            print(f"[rank {self.rank}] {msg}", flush=True)
+            if msg:  # every line of a multi-line message carries the tag
+                print("\n".join(f"[rank {self.rank}] {ln}" for ln in msg.splitlines()),
+                      flush=True)
         elif self.is_root or (all_ranks and self.cfg.verbose):
             print(msg, flush=True)
 
@@ -152,7 +154,10 @@ class Trainer:
     def open_run_dir(self) -> None:
         """Rank 0 locks the run directory and records the resolved config."""
         if self.is_root:
-            self.run_dir = RunDir(self.cfg.run_dir).open()
+            self.run_dir = RunDir(self.cfg.run_dir).open(fresh=not self.cfg.resume)
+            if self.run_dir.archived is not None:
+                self.say(f"note: {self.cfg.run_dir} held an earlier run; its files were moved "
+                         f"to {self.run_dir.archived} (use --resume auto to continue a run)")
             self.run_dir.write_config(self.cfg.resolved())
 
     def resume_or_broadcast(self) -> None:
