@@ -1,0 +1,24 @@
+"""``python -m dptrain`` with gradient synchronisation switched off (a negative control).
+
+Each rank then steps on its own shard's gradient only, so the replicas drift apart and
+the parameters differ from a one-rank run. Usage: mpiexec -n 2 python THIS [dptrain args]
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from dptrain import cli
+from dptrain.dist.sync import GradSync
+
+
+def _do_nothing(self: GradSync, *args: Any) -> None:
+    self.calls = 0
+
+
+GradSync.on_ready = _do_nothing  # no bucket is launched during backward
+GradSync.finish = _do_nothing    # and nothing is summed before the optimizer step
+
+if __name__ == "__main__":
+    sys.exit(cli.main(sys.argv[1:]))
