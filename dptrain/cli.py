@@ -71,6 +71,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "train"), default="test")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", choices=("cpu", "gpu", "auto"), default="cpu")
+    p.add_argument("--allow-gpu-sharing", action="store_true",
+                   help="allow more ranks than GPUs on a node")
     p.add_argument("--traceback", action="store_true")
     return p
 
@@ -134,6 +136,16 @@ def cmd_train(args: argparse.Namespace, ctx: _Run) -> int:
         trainer.close()
 
 
+def _launched_rank() -> int:
+    import os  # noqa: PLC0415
+
+    for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK",
+                "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def _launched_world() -> int:
     import os  # noqa: PLC0415
 
@@ -155,7 +167,8 @@ def cmd_eval(args: argparse.Namespace, ctx: _Run) -> int:
         raise UserError(f"--batch-size must be positive, not {args.batch_size}")
     comm = ctx.communicator("auto")
     ck = ckpt.read_file(path)
-    backend = select_backend(args.device, comm.local_rank, comm.local_size)
+    backend = select_backend(args.device, comm.local_rank, comm.local_size,
+                             args.allow_gpu_sharing, comm=comm)
     model = Sequential.from_spec(ck.architecture, backend.xp)
     ckpt.check_compatible(ck, model, path)
     model.params[...] = backend.xp.asarray(ckpt.flatten(model, ck.params))
@@ -186,7 +199,8 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Run) -> int:
     if args.json:
         print(json.dumps({"meta": ck.meta, "trainer": vars(ck.trainer),
                           "architecture": ck.architecture, "params": int(n_params),
-                          "checksums": "ok"}, default=str, indent=2))
+                          "checksums": {"sha256": "ok", "fletcher32_datasets": ck.datasets}},
+                         default=str, indent=2))
         return 0
     m = ck.meta
     print(f"{args.path}: dptrain {ck.kind}, format version {m.get('format_version')}, "
@@ -207,7 +221,7 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Run) -> int:
         name = f"{i:02d}_{spec.get('type')}"
         opts = {k: v for k, v in spec.items() if k != "type"}
         print(f"  {name:<16} {json.dumps(opts):<60} {counts.get(name, 0):>10,}")
-    print("  checksums: all datasets verified")
+    print(f"  checksums: file SHA-256 ok, {ck.datasets} datasets with fletcher32 verified")
     return 0
 
 
@@ -228,7 +242,9 @@ class _Run:
 
     @property
     def rank(self) -> int:
-        return self.comm.rank if self.comm is not None else 0
+        """This rank; before the communicator exists, the launcher's word for it (so a
+        config mistake under mpiexec is printed by rank 0 alone, not once per rank)."""
+        return self.comm.rank if self.comm is not None else _launched_rank()
 
     @property
     def world(self) -> int:

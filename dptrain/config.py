@@ -74,14 +74,21 @@ class Config:
     lr_gamma: float = _f(0.1, "decay factor of the step schedule")
     min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
     # distribution
-    comm: str = _f("auto", "communicator: auto (MPI when launched by mpiexec/srun), mpi, local",
-                   ("auto", "mpi", "local"))
+    comm: str = _f("auto", "communicator: auto (MPI when launched by mpiexec/srun), mpi, "
+                           "local, or nccl (MPI, with NCCL for GPU arrays)",
+                   ("auto", "mpi", "local", "nccl"))
     bucket_mb: float = _f(4.0, "gradient bucket size in MiB")
     overlap: bool = _f(True, "start each bucket's allreduce during backward")
+    shared_memory_sync: bool = _f(True, "when every rank is on one node (CPU), sum gradients "
+                                        "in one MPI shared-memory window instead of MPI "
+                                        "allreduce messages (off: buckets and overlap apply)")
     threads: int = _f(0, "BLAS threads per rank (0 = cores on the node / ranks on the node, "
                          "unless OMP_NUM_THREADS etc. are set)")
     device: str = _f("cpu", "cpu, gpu (CuPy) or auto", ("cpu", "gpu", "auto"))
     allow_gpu_sharing: bool = _f(False, "allow more ranks than GPUs on a node")
+    gpu_aware_mpi: str = _f("auto", "hand GPU buffers to MPI directly: auto (when the MPI "
+                                    "library reports CUDA support), on, or off (stage them "
+                                    "through pinned host memory)", ("auto", "on", "off"))
     # run directory, logging, checkpoints
     run_dir: str = _f("runs/default", "run directory: resolved config, metrics.jsonl, "
                                       "checkpoints, final model")

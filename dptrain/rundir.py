@@ -30,6 +30,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _slurm_attempt() -> str:
+    """' slurm-job=ID.RESTARTS' inside a Slurm job (empty elsewhere), kept in the lock."""
+    job, restarts = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_RESTART_COUNT", "0")
+    return f" slurm-job={job}.{restarts}" if job.isdigit() and restarts.isdigit() else ""
+
+
+def _earlier_attempt(tags: list[str]) -> bool:
+    """A lock left by an earlier attempt of this requeued Slurm job, perhaps on another node.
+
+    Attempts of one job never overlap, so that owner is gone (killed before it could
+    unlock); a lock of this same attempt (two steps on one directory) is not stale.
+    """
+    mine = _slurm_attempt().strip().partition("=")[2]
+    for tag in tags:
+        key, _, value = tag.partition("=")
+        job, _, restarts = value.partition(".")
+        if key == "slurm-job" and mine and restarts.isdigit():
+            my_job, _, my_restarts = mine.partition(".")
+            return job == my_job and int(restarts) < int(my_restarts)
+    return False
+
+
 class RunDir:
     """Owns ``path`` for the duration of a run (rank 0 only)."""
 
@@ -61,15 +83,15 @@ class RunDir:
 
     def _acquire(self) -> None:
         lock = self.path / LOCK_NAME
-        me = f"{socket.gethostname()} {os.getpid()}"
+        me = f"{socket.gethostname()} {os.getpid()}{_slurm_attempt()}"
         for _ in range(2):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = lock.read_text(errors="replace").strip() if lock.exists() else ""
-                host, _, pid = owner.partition(" ")
+                host, pid, *tags = owner.split() + ["", ""]
                 stale = (host == socket.gethostname() and pid.isdigit()
-                         and not _pid_alive(int(pid)))
+                         and not _pid_alive(int(pid))) or _earlier_attempt(tags)
                 if stale:
                     lock.unlink(missing_ok=True)
                     continue

@@ -19,16 +19,19 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import faults
 from .backend import Backend, select_backend
 from .config import Config, parse_checkpoint_every
 from .data import DataSplits, GlobalSampler, load_dataset, shard, validate_for_model
 from .dist.comm import Communicator, LocalComm
-from .dist.sync import GradSync
+from .dist.device import device_comm
+from .dist.sync import GradSync, SharedGrads
 from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, agreed
 from .nn import Context, NonFiniteError, Sequential, get_loss, layer_from_spec, preset_layers
 from .optim import clip_grad_norm, make_optimizer, make_schedule
 from .rundir import RunDir
-from .timeline import Timeline
+from .timeline import Timeline, merge_traces, rank_path
+from .upload import BatchUploader
 from .watchdog import Watchdog
 
 PHASES = ("data", "forward", "backward", "sync_wait", "optimizer")
@@ -51,6 +54,8 @@ class EpochStats:
     samples: float = 0.0
     steps: int = 0
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    #: [loss, correct] summed on the device since the last report (read back only then)
+    pending: Any = None
 
 
 def build_model(cfg: Config, input_shape: tuple[int, ...], num_outputs: int,
@@ -100,8 +105,13 @@ class Trainer:
     def setup(self) -> None:
         """Data, model, optimizer, sync, sampler and run directory; all ranks agree."""
         cfg = self.cfg
+        fault = faults.load()
+        if fault is not None:
+            self.say(f"note: {faults.ENV} is set; a test fault is armed: {fault}")
         self.backend = select_backend(cfg.device, self.comm.local_rank, self.comm.local_size,
-                                      cfg.allow_gpu_sharing)
+                                      cfg.allow_gpu_sharing, comm=self.comm)
+        # device arrays reach MPI directly, staged through pinned memory, or through NCCL
+        self.comm = device_comm(self.comm, self.backend, cfg.gpu_aware_mpi, cfg.comm == "nccl")
         self.xp = self.backend.xp
         self.data: DataSplits = load_dataset(
             cfg.dataset, dtype=cfg.dtype, seed=cfg.seed,
@@ -110,6 +120,9 @@ class Trainer:
         train = self.data.train
         num_out = self._num_outputs()
         self.model = build_model(cfg, train.sample_shape, num_out, self.backend)
+        if len(self.model.output_shape) == 1 and train.has_labels:  # name the labels first
+            validate_for_model(self.data, self.model.input_shape, self.model.output_shape[0],
+                               cfg.loss)
         if self.model.output_shape != (num_out,):
             raise UserError(f"the model's output shape {self.model.output_shape} does not "
                             f"match the dataset's {num_out} classes/targets")
@@ -122,6 +135,10 @@ class Trainer:
         if self.micro_batch < self.world and cfg.batch_per_rank == 0:
             self.say(f"note: global batch {self.micro_batch} < {self.world} ranks; "
                      "some ranks get no samples in a step (they still join every collective)")
+        self._check_local_batchnorm()
+        self.batches = BatchUploader(self.backend, train.x, train.y,
+                                     -(-self.micro_batch // self.world))
+        self._upcoming: np.ndarray | None = None  # the next step's global batch (prefetch)
         self.sampler = GlobalSampler(len(train), self.step_batch, cfg.seed)
         self.steps_per_epoch = self.sampler.num_batches
         total = self.steps_per_epoch * cfg.epochs
@@ -130,6 +147,12 @@ class Trainer:
         self.total_steps = total
         self.schedule = make_schedule(cfg.lr_schedule, cfg.lr, total, cfg.warmup_steps,
                                       cfg.lr_step_size, cfg.lr_gamma, cfg.min_lr)
+        # one node, CPU: the gradients live in memory the ranks share (before the optimizer
+        # and the sync take hold of the buffer)
+        shared = SharedGrads.create(self.comm, self.model.grads) \
+            if cfg.shared_memory_sync else None
+        if shared is not None:
+            self.model.use_grad_buffer(shared.mine)
         self.optimizer = make_optimizer(
             cfg.optimizer, self.model.params, self.model.grads, self.xp,
             momentum=cfg.momentum, nesterov=cfg.nesterov, beta1=cfg.beta1, beta2=cfg.beta2,
@@ -137,11 +160,29 @@ class Trainer:
             decay_mask=self.model.decay_mask(not cfg.decay_bias_norm))
         self.optimizer.name = cfg.optimizer
         self.sync = GradSync(self.comm, self.model.grads, int(cfg.bucket_mb * (1 << 20)),
-                             cfg.overlap)
+                             cfg.overlap, shared)
+        if self.timeline.enabled:  # per-layer and per-bucket spans
+            self.model.layer_hook = self.timeline.layer_event
+            self.sync.timeline = self.timeline
         self.ckpt_kind, self.ckpt_amount = parse_checkpoint_every(cfg.checkpoint_every)
         self.watchdog = Watchdog(cfg.collective_timeout, lambda what: self.comm.abort(1),
                                  self.rank)
         self._ctx_reduce = self.comm.allreduce_sum if self.world > 1 else None
+
+    def _check_local_batchnorm(self) -> None:
+        """BatchNorm with sync=false normalises each rank's own samples: every rank that
+        holds samples needs at least two values per channel, or its statistics are void."""
+        share = max(1, self.micro_batch // self.world)  # smallest non-empty share of a batch
+        for layer in self.model.layers:
+            if getattr(layer, "kind", "") != "batchnorm" or layer.sync:
+                continue
+            per_channel = share * math.prod(layer.in_shape[:-1])
+            if per_channel < 2:
+                raise UserError(
+                    f"layer {layer.name}: BatchNorm(sync=false) normalises each rank's own "
+                    f"samples, but a global batch of {self.micro_batch} over {self.world} "
+                    f"rank(s) leaves a rank {share} sample per step; use a global batch of at "
+                    f"least {2 * self.world} (batch_per_rank >= 2), or sync=true")
 
     def _num_outputs(self) -> int:
         y = self.data.train.y
@@ -217,16 +258,37 @@ class Trainer:
             buf[...] = xp.asarray(ckpt.flatten(self.model, ck.optimizer_state[name]))
         self.optimizer.step_count = ck.optimizer_step
         self.state = ck.trainer
+        self._ckpt_on_disk = path
+        self._check_epoch_order(ck, path)
         return (f"resumed from {path} (epoch {ck.trainer.epoch + 1}, step "
                 f"{ck.trainer.global_step}, saved by {ck.meta.get('world_size')} rank(s))")
 
-    def check_replicas(self, when: str) -> None:
-        """Every rank's parameter checksum, compared; a mismatch names the ranks."""
+    def _check_epoch_order(self, ck: ckpt.Checkpoint, path: Path) -> None:
+        """The sampler must draw the checkpoint's sample order for the epoch it stopped in."""
+        saved = ck.epoch_order
+        if saved is None:
+            return
+        if len(saved) != self.sampler.n_samples:
+            raise UserError(f"checkpoint {path} was taken over a training set of {len(saved)} "
+                            f"samples, this one has {self.sampler.n_samples}")
+        if not np.array_equal(saved, self.sampler.epoch_order(ck.trainer.epoch)):
+            self.say(f"warning: this numpy ({np.__version__}) draws another sample order for "
+                     f"epoch {ck.trainer.epoch + 1} than the one that wrote {path} "
+                     f"(numpy {ck.rng.get('numpy_version', '?')}); the rest of this epoch "
+                     "will not repeat the interrupted run exactly")
+
+    def check_replicas(self, when: str, include_state: bool = True) -> None:
+        """Every rank's parameter checksum, compared; a mismatch names the ranks.
+
+        Mid-epoch checks leave out the model state: unsynchronised BatchNorm keeps
+        per-rank running statistics until the end-of-epoch broadcast.
+        """
         if self.world == 1:
             return
         sums = np.zeros(self.world, np.float64)
+        state = self.model.state if include_state else self.model.state[:0]
         sums[self.rank] = replica_checksum(self.backend.to_host(self.model.params),
-                                           self.backend.to_host(self.model.state))
+                                           self.backend.to_host(state))
         sums = self.comm.allreduce_scalars(sums)
         if np.all(sums == sums[0]):
             return
@@ -254,16 +316,25 @@ class Trainer:
                  f"({self.micro_batch} x {cfg.accum_steps} micro-batches), "
                  f"{len(self.data.train)} training samples, {self.steps_per_epoch} steps/epoch, "
                  f"device {self.backend.name}, {self.sync.buckets.__len__()} gradient bucket(s)"
-                 f", overlap {'on' if cfg.overlap else 'off'}")
+                 f", overlap {'on' if cfg.overlap else 'off'}"
+                 + (", gradients summed in shared memory" if self.sync.shared else ""))
+        if self.backend.is_gpu:
+            self.say(f"GPU: rank 0 on {self.backend.describe()}; gradients "
+                     f"{getattr(self.comm, 'transport', 'not communicated (one rank)')}")
         self.log("start", world_size=self.world, global_batch=self.step_batch,
                  steps_per_epoch=self.steps_per_epoch, params=self.model.num_params,
                  resumed_step=st.global_step, buckets=len(self.sync.buckets))
+        if st.epoch >= cfg.epochs or self._reached_max_steps():  # resumed a finished run
+            self.say(f"nothing to train: the run is complete (epoch {st.epoch}/{cfg.epochs}, "
+                     f"step {st.global_step})")
         code = EXIT_OK
         try:
-            while st.epoch < cfg.epochs and not self._reached_max_steps():
-                self._run_epoch()
-                if self._agree_stop():
-                    self._preempt()
+            # NaN/Inf are reported once by the non-finite guard, not as a warning per rank
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                while st.epoch < cfg.epochs and not self._reached_max_steps():
+                    self._run_epoch()
+                    if self._agree_stop():
+                        self._preempt()
         except StopTraining as e:
             if e.code == EXIT_PREEMPTED:
                 self.say(str(e))
@@ -271,9 +342,11 @@ class Trainer:
             else:
                 raise
         if code == EXIT_OK:
+            self.check_replicas("end of training")
             self.save_checkpoint(final=True)
             self.save_model()
             self.log("end", step=st.global_step, epoch=st.epoch)
+        self._finished = True  # every rank got here: close() may merge the timeline
         return code
 
     def _reached_max_steps(self) -> bool:
@@ -292,6 +365,9 @@ class Trainer:
         bar = self._progress(epoch, first)
         for i in range(first, self.steps_per_epoch):
             idx = self.sampler.batch(epoch, i)
+            if self.batches.asynchronous:  # the input upload overlaps the step before it
+                self._upcoming = (self.sampler.batch(epoch, i + 1)
+                                  if i + 1 < self.steps_per_epoch else None)
             self._step(idx, epoch, stats)
             st.epoch_pos += len(idx)
             st.samples_seen += len(idx)
@@ -306,7 +382,7 @@ class Trainer:
             if cfg.log_every and st.global_step % cfg.log_every == 0:
                 self._log_steps(stats)
             if (cfg.drift_check_every and st.global_step % cfg.drift_check_every == 0):
-                self.check_replicas("drift check")
+                self.check_replicas("drift check", include_state=False)
             self._maybe_checkpoint(end_of_epoch=False)
         if bar is not None:
             bar.close()
@@ -340,8 +416,11 @@ class Trainer:
         times = stats.times
         k = cfg.accum_steps
         scale = 1.0 / len(idx)
-        loss_total = 0.0
-        correct_total = 0
+        # [loss, correct] of this step, summed on the device: no synchronisation per step
+        sums = getattr(self, "_step_sums", None)
+        if sums is None:
+            sums = self._step_sums = xp.zeros(2, np.float64)
+        sums.fill(0)
         local_total = 0
         step = self.state.global_step
         for j in range(k):
@@ -350,23 +429,29 @@ class Trainer:
             t0 = time.perf_counter()
             local = shard(micro, self.rank, self.world)
             local_total += len(local)
-            x = xp.asarray(self.data.train.x[local])
-            y = xp.asarray(self.data.train.y[local])
+            x, y = self.batches.get(local)
+            faults.inject("data", self.rank, step + 1, x)
             t1 = time.perf_counter()
             ctx = Context(xp=xp, training=True, seed=cfg.seed, epoch=epoch, sample_index=local,
                           global_batch=len(micro), allreduce_sum=self._ctx_reduce,
-                          accumulate=j > 0)
+                          accumulate=j > 0, device_index=self.batches.device_rows)
             try:
+                faults.inject("forward", self.rank, step + 1)
+                if cfg.debug and not bool(xp.isfinite(x).all()):
+                    raise NonFiniteError("the input batch holds NaN/Inf (before any layer)")
                 out = self.model.forward(x, ctx, check_finite=cfg.debug)
                 loss = self.loss.forward(out, y, scale, xp)
-                correct_total += self.loss.correct(out, y, xp)
-                loss_total += float(loss)
+                sums[0] += loss
+                sums[1] += self.loss.count_correct(out, y, xp)
                 dout = self.loss.backward()
+                faults.inject("backward", self.rank, step + 1, dout)
                 t2 = time.perf_counter()
                 if last:
                     self.sync.start()
                 self.model.backward(dout, ctx, self.sync.on_ready if last else None,
                                     check_finite=cfg.debug)
+                if self.batches.asynchronous:
+                    self.batches.prefetch(self._next_rows(idx, j))
             except NonFiniteError as e:
                 raise StopTraining(1, f"non-finite values at step {step + 1}: {e}") from None
             t3 = time.perf_counter()
@@ -377,6 +462,7 @@ class Trainer:
             tl.add("forward", t1, t2, micro=j)
             tl.add("backward", t2, t3, micro=j)
         t3 = time.perf_counter()
+        faults.inject("allreduce", self.rank, step + 1)
         self.watchdog.arm(f"gradient allreduce of step {step + 1}")
         self.sync.finish()
         self.watchdog.disarm()
@@ -386,22 +472,32 @@ class Trainer:
         skipped = self._guard_nonfinite(step)
         if not skipped:
             if cfg.clip_norm:
-                clip_grad_norm(self.model.grads, cfg.clip_norm, xp)
+                n2 = self._grad_norm2  # known from the guard: no second read-back
+                clip_grad_norm(self.model.grads, cfg.clip_norm, xp,
+                               norm=math.sqrt(n2) if math.isfinite(n2) else None)
             self.optimizer.step(self.schedule(self.state.global_step))
+            faults.inject("optimizer", self.rank, step + 1, self.model.params)
         t5 = time.perf_counter()
         times["optimizer"] += t5 - t4
         tl.add("optimizer", t4, t5)
         self.state.global_step += 1
-        stats.loss_sum += loss_total
-        stats.correct += correct_total
+        if skipped:  # a NaN loss would poison the epoch's mean; the skip is counted instead
+            return
+        if stats.pending is None:
+            stats.pending = sums.copy()
+        else:
+            stats.pending += sums
         stats.samples += local_total
         stats.steps += 1
 
     def _guard_nonfinite(self, step: int) -> bool:
         """After the allreduce every rank sees the same gradient: all agree on NaN/Inf."""
         g = self.model.grads
-        norm2 = float(self.xp.dot(g, g)) if g.size else 0.0
-        if math.isfinite(norm2):
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm2 = float(self.xp.dot(g, g)) if g.size else 0.0  # the step's one read-back
+        self._grad_norm2 = norm2
+        # a huge but finite gradient can overflow the sum of squares: then look closer
+        if math.isfinite(norm2) or bool(self.xp.isfinite(g).all()):
             self._consecutive_skips = 0
             return False
         if self.cfg.on_nonfinite == "stop":
@@ -411,13 +507,28 @@ class Trainer:
         self._consecutive_skips += 1
         self.say(f"warning: non-finite gradient at step {step + 1}; update skipped "
                  f"({self._consecutive_skips} in a row)")
+        self.log("skipped_step", step=step + 1, consecutive=self._consecutive_skips,
+                 skipped_steps=self.state.skipped_steps)
         if self._consecutive_skips >= self.cfg.max_skips:
             raise StopTraining(1, f"{self._consecutive_skips} consecutive non-finite steps "
                                   f"(up to step {step + 1}); stopping")
         return True
 
     # -- reporting ------------------------------------------------------------------
+    def _next_rows(self, idx: np.ndarray, j: int) -> np.ndarray | None:
+        """This rank's samples of the micro-batch after micro-batch ``j`` of ``idx``."""
+        mb = self.micro_batch
+        if j + 1 < self.cfg.accum_steps:
+            return shard(idx[(j + 1) * mb:(j + 2) * mb], self.rank, self.world)
+        nxt = self._upcoming
+        return None if nxt is None else shard(nxt[:mb], self.rank, self.world)
+
     def _reduced(self, stats: EpochStats) -> tuple[float, float, float, dict[str, float]]:
+        if stats.pending is not None:  # the device sums come back here, once per report
+            loss, correct = self.backend.to_host(stats.pending)
+            stats.loss_sum += float(loss)
+            stats.correct += float(correct)
+            stats.pending = None
         sums = self.comm.allreduce_scalars([stats.loss_sum, stats.correct, stats.samples])
         tmax = self.comm.allreduce_scalars([stats.times[p] for p in PHASES], "max")
         per = max(1, stats.steps)
@@ -446,7 +557,8 @@ class Trainer:
             ev = self.evaluate("test")
             rec.update(test_loss=ev["loss"], test_acc=ev["accuracy"])
             line += f"  test loss {ev['loss']:.4f} acc {ev['accuracy']:.4f}"
-            self._track_best(ev["accuracy"])
+            if self.state.epoch_pos == 0:  # best is judged on whole epochs only
+                self._track_best(ev["accuracy"])
         line += f"  {rec['samples_per_sec']:.0f} samples/s  {elapsed:.2f}s"
         if stats.steps and self.world > 1:
             line += f"  (sync wait {timing['sync_wait_ms']:.2f} ms/step)"
@@ -472,7 +584,8 @@ class Trainer:
         if kind == "epoch":
             due = end_of_epoch
         elif kind == "steps":
-            due = not end_of_epoch and self.state.global_step % int(amount) == 0
+            # also at an epoch's last step (the loop hands that one to the end-of-epoch call)
+            due = self.state.global_step % int(amount) == 0
         elif kind == "seconds" and not end_of_epoch:
             elapsed = time.monotonic() - self._last_ckpt_time
             due = bool(self.comm.allreduce_scalars([elapsed], "max")[0] >= amount)
@@ -498,20 +611,25 @@ class Trainer:
         error = b""
         if self.is_root:
             try:
-                if not path.exists() or best:
+                faults.inject("checkpoint", self.rank, st.global_step)
+                if path != getattr(self, "_ckpt_on_disk", None) or best:
                     d.mkdir(parents=True, exist_ok=True)
                     snap = self._host_snapshot()
                     ckpt.write_file(path, kind="checkpoint", model=self.model,
                                     params=snap["params"], state=snap["state"],
                                     config=self.cfg.resolved(), world_size=self.world,
                                     optimizer=self.optimizer, opt_state=snap["opt_state"],
-                                    trainer=st, seed=self.cfg.seed)
+                                    trainer=st, seed=self.cfg.seed,
+                                    epoch_order=self.sampler.epoch_order(st.epoch))
                     if not best:
+                        self._ckpt_on_disk = path
                         ckpt.prune(self.cfg.run_dir, self.cfg.keep_last)
             except (UserError, OSError) as e:
                 error = str(e).encode() or b"checkpoint write failed"
         if self.world > 1:
+            self.watchdog.arm(f"checkpoint write of step {st.global_step} (rank 0 writing)")
             error = self.comm.bcast_bytes(error)
+            self.watchdog.disarm()
         self._last_ckpt_time = time.monotonic()
         t1 = time.perf_counter()
         self.timeline.add("checkpoint", t0, t1, path=str(path))
@@ -540,7 +658,7 @@ class Trainer:
     def _preempt(self) -> None:
         sig = self.stop_signal
         name = signal.Signals(sig).name if sig else "a signal on another rank"
-        path = self.save_checkpoint()
+        path = self.save_checkpoint(final=True)  # a preemption without a checkpoint is an error
         self.log("preempted", step=self.state.global_step, signal=name, path=str(path))
         raise StopTraining(EXIT_PREEMPTED, f"stopping on {name} at step "
                                            f"{self.state.global_step}: checkpoint {path}; "
@@ -549,18 +667,30 @@ class Trainer:
     def close(self) -> None:
         self.watchdog.close() if hasattr(self, "watchdog") else None
         if self.cfg.timeline:
-            p = Path(self.cfg.timeline)
-            if self.world > 1:
-                p = p.with_name(f"{p.stem}.rank{self.rank}{p.suffix}")
-            self.timeline.write(p)
+            self.write_timeline(merge=getattr(self, "_finished", False))
         if self.run_dir is not None:
             self.run_dir.close()
+
+    def write_timeline(self, merge: bool = True) -> Path:
+        """This rank's trace (NAME.rankN.SUFFIX with several ranks); with ``merge``, every
+        rank must call it: after a barrier rank 0 merges all ranks into NAME.SUFFIX."""
+        path = Path(self.cfg.timeline)
+        if self.world == 1:
+            return self.timeline.write(path)
+        mine = self.timeline.write(rank_path(path, self.rank))
+        if not merge:
+            return mine
+        self.comm.barrier()
+        if self.is_root:
+            merge_traces([rank_path(path, r) for r in range(self.world)], path)
+        return path
 
 
 def evaluate_model(model: Sequential, loss: Any, ds: Any, comm: Communicator, xp: Any,
                    batch: int) -> dict[str, float]:
     """Mean loss and accuracy over ``ds``; each rank takes its shard of every batch."""
-    total_loss, correct, n = 0.0, 0.0, 0.0
+    dev_sums = xp.zeros(2, np.float64)  # [loss, correct], read back once at the end
+    n = 0.0
     ctx = Context(xp=xp, training=False,
                   allreduce_sum=comm.allreduce_sum if comm.size > 1 else None)
     for start in range(0, len(ds), batch):
@@ -570,9 +700,11 @@ def evaluate_model(model: Sequential, loss: Any, ds: Any, comm: Communicator, xp
         y = xp.asarray(ds.y[local])
         ctx.sample_index = local
         out = model.forward(x, ctx)
-        total_loss += float(loss.forward(out, y, 1.0, xp))
-        correct += loss.correct(out, y, xp)
+        dev_sums[0] += loss.forward(out, y, 1.0, xp)
+        dev_sums[1] += loss.count_correct(out, y, xp)
         n += len(local)
+    total_loss, correct = (float(v) for v in (dev_sums if isinstance(dev_sums, np.ndarray)
+                                               else xp.asnumpy(dev_sums)))
     sums = comm.allreduce_scalars([total_loss, correct, n])
     n_all = max(1.0, sums[2])
     return {"loss": float(sums[0] / n_all), "accuracy": float(sums[1] / n_all),

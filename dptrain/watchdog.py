@@ -40,9 +40,9 @@ class Watchdog:
             with self._lock:
                 what, since = self._what, self._since
             if what is not None and time.monotonic() - since > self.timeout:
-                print(f"[rank {self.rank}] error: {what} did not complete within "
-                      f"{self.timeout:g} s (collective timeout); aborting the job",
-                      file=sys.stderr, flush=True)
+                print(f"[rank {self.rank}] dptrain: error: {what} did not complete within "
+                      f"{self.timeout:g} s (--collective-timeout): another rank is stuck or "
+                      "gone; aborting the job", file=sys.stderr, flush=True)
                 self.on_timeout(what)
                 return
 

@@ -7,8 +7,11 @@ on machines without an MPI library (and under pdb).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -116,7 +119,7 @@ class MPIComm(Communicator):
     def bcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
         n = np.array([len(data) if data is not None and self.rank == root else 0], np.int64)
         self.comm.Bcast(n, root=root)
-        buf = (np.frombuffer(data, np.uint8).copy() if self.rank == root
+        buf = (np.frombuffer(data or b"", np.uint8).copy() if self.rank == root
                else np.empty(int(n[0]), np.uint8))
         self.comm.Bcast(buf, root=root)
         return buf.tobytes()
@@ -125,11 +128,22 @@ class MPIComm(Communicator):
         self.comm.Barrier()
 
     def abort(self, code: int = 1) -> None:
+        # let the launcher forward this rank's last words before it tears the job down
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        time.sleep(0.3)
         self.comm.Abort(code)
 
 
 def make_communicator(kind: str = "auto") -> Communicator:
-    """``local`` | ``mpi`` | ``auto`` (MPI only when a launcher started this process)."""
+    """``local`` | ``mpi`` | ``auto`` (MPI only when a launcher started this process).
+
+    ``nccl`` is ``auto`` here: MPI starts the ranks, and the trainer puts NCCL over it for
+    GPU arrays (dist/nccl.py).
+    """
+    if kind == "nccl":
+        kind = "auto"
     if kind == "local" or (kind == "auto" and not launched_by_mpi()):
         return LocalComm()
     if kind not in ("mpi", "auto"):
@@ -140,4 +154,26 @@ def make_communicator(kind: str = "auto") -> Communicator:
         raise UserError(
             "launched under an MPI launcher but mpi4py is not installed in this Python "
             "(pip install mpi4py, or run one process without mpiexec / with --debug)") from None
-    return MPIComm()
+    comm = MPIComm()
+    _check_srun_world(comm.size)
+    _check_launcher_world(comm.size)
+    return comm
+
+
+def _check_launcher_world(size: int) -> None:
+    """The mpiexec of another MPI than mpi4py's starts n one-rank worlds: refuse that too."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        n = os.environ.get(var, "")
+        if size == 1 and n.isdigit() and int(n) > 1:
+            raise UserError(f"the launcher started {n} processes ({var}) but MPI sees a world "
+                            "of 1 rank: this mpiexec belongs to another MPI than the one "
+                            "mpi4py uses (see `python -m mpi4py --mpi-library`)")
+
+
+def _check_srun_world(size: int) -> None:
+    """srun without a PMI plugin starts n one-rank worlds: refuse rather than train n times."""
+    tasks = os.environ.get("SLURM_NTASKS", "1")
+    if (size == 1 and "SLURM_STEP_ID" in os.environ and tasks.isdigit() and int(tasks) > 1
+            and not any(v in os.environ for v in _LAUNCHER_VARS)):
+        raise UserError(f"srun started {tasks} tasks but MPI sees a world of 1 rank: start "
+                        "the ranks with `srun --mpi=pmi2` (or --mpi=pmix where Slurm has it)")

@@ -40,6 +40,12 @@ class Context:
     global_batch: int | None = None
     allreduce_sum: Callable[[Any], Any] | None = None
     accumulate: bool = False
+    #: layers may return arrays they own and overwrite on their next call with the same
+    #: shapes (``Sequential`` turns this on inside a model; a lone layer allocates)
+    reuse: bool = False
+    #: ``sample_index`` already on the device (GPU runs upload it with the batch), so
+    #: dropout does not upload it again
+    device_index: Any = None
 
     def reduce(self, a: Any) -> Any:
         """Sum ``a`` over ranks (in place where possible) and return it."""
@@ -61,6 +67,7 @@ class Layer:
         self.params: dict[str, Any] = {}
         self.grads: dict[str, Any] = {}
         self.state: dict[str, Any] = {}
+        self._scratch: dict[tuple[Any, ...], Any] = {}
 
     # -- description -------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
@@ -110,6 +117,30 @@ class Layer:
     def backward(self, dy: Any, ctx: Context, need_dx: bool = True) -> Any:
         """Gradient w.r.t. the input; parameter gradients go into ``self.grads`` in place."""
         raise NotImplementedError
+
+    def _buffer(self, tag: str, shape: tuple[int, ...], dtype: Any, xp: Any,
+                fill: float | None = None) -> Any:
+        """A scratch array kept across calls with the same shape (the 16 most recently
+        used are kept), so a training step allocates nothing; ``fill`` initialises it
+        once, when it is created."""
+        scratch = self.__dict__.setdefault("_scratch", {})
+        key = (tag, shape, np.dtype(dtype).str, xp.__name__)
+        buf = scratch.pop(key, None)
+        if buf is None:
+            if len(scratch) >= 16:
+                scratch.pop(next(iter(scratch)))
+            buf = xp.empty(shape, dtype=dtype)
+            if fill is not None:
+                buf.fill(fill)
+        scratch[key] = buf  # most recently used last
+        return buf
+
+    def _out(self, tag: str, shape: tuple[int, ...], dtype: Any, ctx: Context) -> Any:
+        """An array for a result handed to the next layer: owned and reused when
+        ``ctx.reuse``, fresh otherwise (so a lone layer's results stay the caller's)."""
+        if ctx.reuse:
+            return self._buffer(tag, shape, dtype, ctx.xp)
+        return ctx.xp.empty(shape, dtype=dtype)
 
     def set_grad(self, name: str, value: Any, ctx: Context) -> None:
         """Write (or, when accumulating micro-batches, add) a parameter gradient."""

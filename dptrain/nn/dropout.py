@@ -96,7 +96,9 @@ class Dropout(Layer):
                              f"but the batch has {n} samples")
         per_sample = int(np.prod(x.shape[1:], dtype=np.int64))
         key = stream_key(ctx.seed, ctx.epoch, self.salt())
-        keep = keep_mask(xp, key, index, per_sample, self.rate)
+        on_device = ctx.device_index if ctx.sample_index is not None else None
+        keep = keep_mask(xp, key, index if on_device is None else on_device, per_sample,
+                         self.rate)
         mask = keep.reshape(x.shape).astype(x.dtype)
         mask *= 1.0 / (1.0 - self.rate)
         self._mask = mask

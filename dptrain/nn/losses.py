@@ -49,12 +49,16 @@ class Loss:
 
     def correct(self, out: Any, y: Any, xp: Any) -> int:
         """How many samples have argmax(out) equal to the label (or argmax of the target)."""
+        return int(self.count_correct(out, y, xp))
+
+    def count_correct(self, out: Any, y: Any, xp: Any) -> Any:
+        """``correct`` as a 0-d array of ``xp``, left on the device (no synchronisation)."""
         if out.shape[0] == 0:
-            return 0
+            return xp.zeros((), dtype=np.int64)
         y = xp.asarray(y)
         pred = out.reshape(out.shape[0], -1).argmax(axis=1)
         labels = y if y.ndim == 1 else y.reshape(y.shape[0], -1).argmax(axis=1)
-        return int((pred == labels).sum())
+        return (pred == labels).sum()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -81,7 +81,10 @@ class BatchNorm(Layer):
             x2.sum(axis=0, out=packed[:c])
             packed[c] = x2.shape[0]
             packed = ctx.reduce(packed)
-            count = float(packed[c])
+            if ctx.global_batch is not None:  # known on the host: no read-back from a GPU
+                count = float(ctx.global_batch * math.prod(self.in_shape[:-1]))
+            else:
+                count = float(packed[c])
             mean = packed[:c] / max(count, 1.0)
             d = x2 - mean
             sq = ctx.reduce((d * d).sum(axis=0))
