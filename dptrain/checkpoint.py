@@ -2,30 +2,43 @@
 
 Layout (plain HDF5, readable with h5ls/h5dump/h5py, nothing in it executes)::
 
-    /                     attrs: format, format_version, kind (checkpoint|model),
-                                 dptrain_version, created, world_size, dtype,
-                                 architecture (JSON text), config (JSON text)
-    /params/<layer>/<name>         trainable parameters, real shapes
-    /state/<layer>/<name>          model state (BatchNorm running statistics)
-    /optimizer                     attrs: name, step_count
-    /optimizer/<slot>/<layer>/<name>   e.g. momentum, exp_avg, exp_avg_sq
-    /trainer              attrs: epoch, epoch_pos, global_step, samples_seen,
-                                 best_metric, skipped_steps
-    /rng                  attrs: seed, scheme (all randomness derives from it)
+    userblock (512 bytes)  text: format, format_version, kind, size, sha256 of the rest
+    /                      attrs: format, format_version, kind (checkpoint|model),
+                                  dptrain_version, created, world_size, dtype, num_params,
+                                  architecture (JSON text), config (JSON text)
+    /params/<layer>/<name>          trainable parameters, real shapes
+    /state/<layer>/<name>           model state (BatchNorm running statistics)
+    /optimizer                      attrs: name, step_count   (checkpoints only)
+    /optimizer/<slot>/<layer>/<name>    e.g. momentum, exp_avg, exp_avg_sq
+    /trainer               attrs: epoch, epoch_pos, global_step, samples_seen,
+                                  best_metric, skipped_steps
+    /rng                   attrs: seed, epoch, epoch_pos, bit_generator, numpy_version,
+                                  scheme; dataset epoch_order (this epoch's sample order)
 
-Every dataset is chunked with a fletcher32 checksum that HDF5 verifies on read.
-A file is written to a temporary name in the same directory, flushed and fsynced,
-renamed onto its final name, and the directory is fsynced: a crash leaves either the old
-set of checkpoints or the new one, never a half file under a checkpoint name.
+Two layers of checksums. Every dataset is chunked with HDF5's fletcher32 filter, which
+HDF5 itself verifies on every read (so plain h5py readers get it too). The userblock holds
+the SHA-256 of everything after it, checked before HDF5 parses a byte: a damaged or
+truncated file is rejected by name instead of being handed to the HDF5 library, which can
+crash or hang on corrupt metadata. Without dptrain: ``tail -c +513 F | sha256sum``.
+
+The HDF5 image is built in memory (HDF5 never meets a failing disk, so a full disk is a
+clean OSError, not a damaged library state), then written with its header to a temporary
+name in the same directory, fsynced, renamed onto its final name, and the directory is
+fsynced: a crash leaves either the old set of checkpoints or the new one, never a half
+file under a checkpoint name. Reading verifies the SHA-256 first and parses exactly the
+bytes it verified.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +49,18 @@ from .errors import UserError
 
 FORMAT = "dptrain"
 FORMAT_VERSION = 1
+USERBLOCK = 512
+HEADER_MAGIC = "dptrain HDF5 file"
 CKPT_RE = re.compile(r"^ckpt-(\d{9})\.h5$")
 BEST_NAME = "best.h5"
-RNG_SCHEME = ("numpy PCG64; shuffle order from default_rng([seed, epoch]); dropout masks "
-              "from splitmix64(seed, epoch, sample index, layer)")
+KINDS = ("checkpoint", "model")
+CHUNK_BYTES = 64 << 20  # fletcher32 works per chunk; HDF5 caps a chunk at 4 GiB
+RNG_SCHEME = ("no generator state is carried between steps: initial parameters come from "
+              "numpy default_rng(seed); epoch e's sample order is "
+              "default_rng([seed, e]).permutation(n) (stored as epoch_order); dropout keeps "
+              "element p of sample g iff the top 53 bits of splitmix64 of (key(seed, e, "
+              "layer), g * elements + p) reach rate * 2**53")
+PAUSE_ENV = "DPTRAIN_TEST_PAUSE_IN_WRITE"
 
 
 @dataclass
@@ -69,34 +90,43 @@ class Checkpoint:
     optimizer_state: dict[str, dict[tuple[str, str], np.ndarray]] = field(default_factory=dict)
     trainer: TrainerState = field(default_factory=TrainerState)
     seed: int = 0
+    rng: dict[str, Any] = field(default_factory=dict)
+    epoch_order: np.ndarray | None = None
+    datasets: int = 0           # datasets read, each verified by its fletcher32 checksum
 
 
 def _h5py() -> Any:
-    import h5py  # noqa: PLC0415
+    import h5py  # noqa: PLC0415  (keeps `--help` fast)
 
     return h5py
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 
 
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+        _fsync(path)
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Whole array in one chunk unless it is large; then blocks of rows."""
+    row = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+    rows = max(1, min(shape[0], CHUNK_BYTES // max(1, row)))
+    return (rows, *shape[1:])
+
+
 def _write_array(group: Any, name: str, a: np.ndarray) -> None:
     a = np.ascontiguousarray(a)
-    if a.size == 0:
+    if a.size == 0 or a.ndim == 0:  # nothing to chunk: HDF5 cannot checksum these
         group.create_dataset(name, data=a)
         return
-    group.create_dataset(name, data=a, chunks=a.shape if a.ndim else None,
-                         fletcher32=a.ndim > 0)
+    group.create_dataset(name, data=a, chunks=_chunks(a.shape, a.itemsize), fletcher32=True)
 
 
 def _split(model: Any, flat: np.ndarray, kind: str) -> dict[tuple[str, str], np.ndarray]:
@@ -106,53 +136,136 @@ def _split(model: Any, flat: np.ndarray, kind: str) -> dict[tuple[str, str], np.
 
 def _pause_for_tests() -> None:
     """Test hook: DPTRAIN_TEST_PAUSE_IN_WRITE=seconds sleeps mid-write (kill tests)."""
-    delay = os.environ.get("DPTRAIN_TEST_PAUSE_IN_WRITE")
+    delay = os.environ.get(PAUSE_ENV)
     if delay:
         time.sleep(float(delay))
+
+
+# -- the userblock header ----------------------------------------------------------------
+def _header(kind: str, size: int, digest: str) -> bytes:
+    text = (f"{HEADER_MAGIC}\nformat_version {FORMAT_VERSION}\nkind {kind}\n"
+            f"size {size}\nsha256 {digest}\n").encode()
+    return text.ljust(USERBLOCK, b"\0")
+
+
+def seal(path: str | Path, kind: str = "checkpoint") -> None:
+    """(Re)write a file's header from its contents: for tools that edit a file in place."""
+    with open(path, "r+b") as f:
+        data = f.read()
+        f.seek(0)
+        f.write(_header(kind, len(data), hashlib.sha256(data[USERBLOCK:]).hexdigest()))
+
+
+def verify_bytes(path: str | Path) -> bytes:
+    """The file's bytes, after checking its header and SHA-256 (before HDF5 parses any)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
+    if not data:
+        raise UserError(f"checkpoint {path} is empty")
+    lines = data[:USERBLOCK].rstrip(b"\0").decode("ascii", "replace").split("\n")
+    if lines[0] != HEADER_MAGIC:
+        what = ("an HDF5 file without a dptrain header" if data.startswith(b"\x89HDF")
+                else "not a dptrain HDF5 file")
+        raise UserError(f"checkpoint {path} is {what} (no '{HEADER_MAGIC}' header)")
+    hdr = dict(line.partition(" ")[::2] for line in lines[1:] if line)
+    version, size = hdr.get("format_version", ""), hdr.get("size", "")
+    if not version.isdigit() or not size.isdigit() or len(hdr.get("sha256", "")) != 64:
+        raise UserError(f"checkpoint {path} is corrupt: its header cannot be read")
+    _check_version(int(version), path)
+    if hdr.get("kind") not in KINDS or data[:USERBLOCK] != _header(hdr["kind"], int(size),
+                                                                   hdr["sha256"]):
+        raise UserError(f"checkpoint {path} is corrupt: its header is damaged")
+    if len(data) != int(size):
+        raise UserError(f"checkpoint {path} is not a readable HDF5 file (truncated or "
+                        f"corrupt?): {len(data)} bytes on disk, {size} written")
+    if hashlib.sha256(memoryview(data)[USERBLOCK:]).hexdigest() != hdr["sha256"]:
+        raise UserError(f"checkpoint {path} is corrupt: its SHA-256 differs from the one "
+                        "recorded when it was written")
+    return data
+
+
+def _check_version(version: int, path: Path) -> None:
+    if version > FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format version {version}, newer than this "
+                        f"dptrain ({FORMAT_VERSION}); upgrade dptrain")
+    if version < 1:
+        raise UserError(f"checkpoint {path} has an invalid format version {version}")
+
+
+# -- writing ---------------------------------------------------------------------------
+def _build_image(model: Any, kind: str, params: np.ndarray, state: np.ndarray,
+                 meta: dict[str, Any], optimizer: Any, opt_state: dict[str, np.ndarray],
+                 trainer: TrainerState, seed: int, epoch_order: np.ndarray | None) -> bytes:
+    """The HDF5 file, built in memory (so HDF5 never meets a failing disk)."""
+    h5py = _h5py()
+    name = f"dptrain-image-{os.getpid()}-{time.monotonic_ns()}"
+    with h5py.File(name, "w", driver="core", backing_store=False, block_size=1 << 24) as f:
+        f.attrs.update(meta)
+        for gname, flat in (("params", params), ("state", state)):
+            g = f.create_group(gname)
+            for (layer, pname), a in _split(model, flat, gname).items():
+                _write_array(g.require_group(layer), pname, a)
+        if kind == "checkpoint":
+            og = f.create_group("optimizer")
+            og.attrs["name"] = getattr(optimizer, "name", type(optimizer).__name__.lower())
+            og.attrs["step_count"] = int(getattr(optimizer, "step_count", 0))
+            for sname, flat in opt_state.items():
+                sg = og.create_group(sname)
+                for (layer, pname), a in _split(model, flat, "params").items():
+                    _write_array(sg.require_group(layer), pname, a)
+            tg = f.create_group("trainer")
+            for k, v in vars(trainer).items():
+                tg.attrs[k] = v
+            rg = f.create_group("rng")
+            rg.attrs.update({"seed": seed, "epoch": trainer.epoch,
+                             "epoch_pos": trainer.epoch_pos, "bit_generator": "PCG64",
+                             "numpy_version": np.__version__, "scheme": RNG_SCHEME})
+            if epoch_order is not None:
+                _write_array(rg, "epoch_order", np.asarray(epoch_order, np.int64))
+        f.flush()
+        return f.id.get_file_image()
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        data = data[os.write(fd, data):]
 
 
 def write_file(path: str | Path, *, kind: str, model: Any, params: np.ndarray,
                state: np.ndarray, config: dict[str, Any], world_size: int = 1,
                optimizer: Any = None, opt_state: dict[str, np.ndarray] | None = None,
-               trainer: TrainerState | None = None, seed: int = 0) -> Path:
-    """Atomically write a checkpoint (or, with kind='model', weights only) from host arrays."""
-    h5py = _h5py()
+               trainer: TrainerState | None = None, seed: int = 0,
+               epoch_order: np.ndarray | None = None) -> Path:
+    """Atomically write a checkpoint (or, with kind='model', weights only) from host arrays.
+
+    ``epoch_order`` is the current epoch's sample order (the sampler's state, stored so
+    that a resume can confirm it draws the same one). Any OS failure (disk full, no
+    permission) is a one-line UserError; nothing is left under ``path`` or a temp name.
+    """
     path = Path(path)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+            "dptrain_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "world_size": world_size, "dtype": model.dtype.name,
+            "num_params": model.num_params, "architecture": model.spec_json(),
+            "config": json.dumps(config, sort_keys=True)}
+    image = memoryview(_build_image(model, kind, params, state, meta, optimizer,
+                                    opt_state or {}, trainer or TrainerState(), seed,
+                                    epoch_order))
+    head = _header(kind, USERBLOCK + len(image), hashlib.sha256(image).hexdigest())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update({
-                "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
-                "dptrain_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "world_size": world_size, "dtype": model.dtype.name,
-                "num_params": model.num_params,
-                "architecture": model.spec_json(),
-                "config": json.dumps(config, sort_keys=True),
-            })
-            for gname, flat in (("params", params), ("state", state)):
-                g = f.create_group(gname)
-                for (layer, name), a in _split(model, flat, gname).items():
-                    _write_array(g.require_group(layer), name, a)
-            _pause_for_tests()
-            if kind == "checkpoint":
-                og = f.create_group("optimizer")
-                og.attrs["name"] = getattr(optimizer, "name", type(optimizer).__name__.lower())
-                og.attrs["step_count"] = int(getattr(optimizer, "step_count", 0))
-                for sname, flat in (opt_state or {}).items():
-                    sg = og.create_group(sname)
-                    for (layer, name), a in _split(model, flat, "params").items():
-                        _write_array(sg.require_group(layer), name, a)
-                tg = f.create_group("trainer")
-                t = trainer or TrainerState()
-                for k, v in vars(t).items():
-                    tg.attrs[k] = v
-                rg = f.create_group("rng")
-                rg.attrs["seed"] = seed
-                rg.attrs["scheme"] = RNG_SCHEME
-            f.flush()
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            _write_all(fd, memoryview(head))
+            half = len(image) // 2
+            _write_all(fd, image[:half])
+            _pause_for_tests()
+            _write_all(fd, image[half:])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -167,63 +280,137 @@ def write_file(path: str | Path, *, kind: str, model: Any, params: np.ndarray,
     return path
 
 
-def _read_group(g: Any) -> dict[tuple[str, str], np.ndarray]:
+# -- reading ---------------------------------------------------------------------------
+def _read_group(g: Any, path: Path, counter: list[int]) -> dict[tuple[str, str], np.ndarray]:
+    h5py = _h5py()
     out = {}
-    for layer in g:
-        for name in g[layer]:
-            out[(layer, name)] = g[layer][name][()]
+    for layer, lg in g.items():
+        if not isinstance(lg, h5py.Group):
+            raise UserError(f"checkpoint {path}: {lg.name} should be a group of arrays")
+        for name, ds in lg.items():
+            if not isinstance(ds, h5py.Dataset):
+                raise UserError(f"checkpoint {path}: {ds.name} should be an array")
+            if ds.size > 0 and ds.ndim > 0 and not ds.fletcher32:
+                raise UserError(f"checkpoint {path}: {ds.name} carries no checksum")
+            out[(layer, name)] = ds[()]  # HDF5 verifies the fletcher32 checksum here
+            counter[0] += 1
     return out
 
 
+def _group(f: Any, name: str, path: Path) -> Any:
+    if name not in f:
+        raise UserError(f"checkpoint {path} has no /{name} group")
+    return f[name]
+
+
 def read_file(path: str | Path) -> Checkpoint:
-    """Read and verify a checkpoint or model file; any problem is a one-line UserError."""
-    h5py = _h5py()
+    """Read and verify a checkpoint or model file; any problem is a one-line UserError.
+
+    Verifies the file's SHA-256 (then parses exactly the verified bytes), every dataset's
+    fletcher32 checksum, the format version, and that every array its architecture
+    implies is present with the right shape and dtype.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise UserError(f"checkpoint {path} is empty")
+    data = verify_bytes(path)
+    h5py = _h5py()
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise UserError(f"checkpoint {path} is not a readable HDF5 file "
-                        f"(truncated or corrupt?): {str(e).splitlines()[0]}") from None
-    try:
-        with f:
-            a = dict(f.attrs)
-            if a.get("format") != FORMAT:
-                raise UserError(f"{path} is not a dptrain checkpoint (no format attribute)")
-            version = int(a.get("format_version", -1))
-            if version > FORMAT_VERSION:
-                raise UserError(f"checkpoint {path} has format version {version}, newer than "
-                                f"this dptrain ({FORMAT_VERSION}); upgrade dptrain")
-            for g in ("params", "state"):
-                if g not in f:
-                    raise UserError(f"checkpoint {path} has no /{g} group")
-            ck = Checkpoint(
-                kind=str(a.get("kind", "checkpoint")),
-                meta={k: (v.item() if hasattr(v, "item") else v) for k, v in a.items()
-                      if k not in ("architecture", "config")},
-                architecture=json.loads(a["architecture"]),
-                config=json.loads(a.get("config", "{}")),
-                params=_read_group(f["params"]), state=_read_group(f["state"]))
-            if ck.kind == "checkpoint":
-                for g in ("optimizer", "trainer", "rng"):
-                    if g not in f:
-                        raise UserError(f"checkpoint {path} has no /{g} group")
-                og = f["optimizer"]
-                ck.optimizer_name = str(og.attrs["name"])
-                ck.optimizer_step = int(og.attrs["step_count"])
-                ck.optimizer_state = {s: _read_group(og[s]) for s in og}
-                ck.trainer = TrainerState(**{k: v.item() for k, v in f["trainer"].attrs.items()
-                                             if k in TrainerState.__dataclass_fields__})
-                ck.seed = int(f["rng"].attrs["seed"])
-            return ck
+        with h5py.File(io.BytesIO(data), "r") as f:
+            ck = _read_open(f, path)
+        if f"\nkind {ck.kind}\n".encode() not in data[:USERBLOCK]:
+            raise UserError(f"checkpoint {path} is corrupt: its header and contents disagree "
+                            "on what it is")
     except UserError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt: {msg}") from None
+    check_consistent(ck, path)
+    return ck
+
+
+def _read_open(f: Any, path: Path) -> Checkpoint:
+    a = dict(f.attrs)
+    if a.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path} is not a dptrain file (no format attribute)")
+    _check_version(int(a.get("format_version", -1)), path)
+    for key in ("architecture", "config", "dtype"):
+        if key not in a:
+            raise UserError(f"checkpoint {path} lacks the {key!r} attribute")
+    try:
+        architecture, config = json.loads(a["architecture"]), json.loads(a["config"])
+    except json.JSONDecodeError as e:
+        raise UserError(f"checkpoint {path}: architecture or config is not JSON ({e})") from None
+    n = [0]
+    ck = Checkpoint(
+        kind=str(a.get("kind", "checkpoint")),
+        meta={k: (v.item() if hasattr(v, "item") else v) for k, v in a.items()
+              if k not in ("architecture", "config")},
+        architecture=architecture, config=config,
+        params=_read_group(_group(f, "params", path), path, n),
+        state=_read_group(_group(f, "state", path), path, n))
+    if ck.kind not in KINDS:
+        raise UserError(f"checkpoint {path} has an unknown kind {ck.kind!r}")
+    if ck.kind == "checkpoint":
+        og, tg, rg = (_group(f, g, path) for g in ("optimizer", "trainer", "rng"))
+        ck.optimizer_name = str(og.attrs["name"])
+        ck.optimizer_step = int(og.attrs["step_count"])
+        ck.optimizer_state = {s: _read_group(og[s], path, n) for s in og}
+        values = {}
+        for fld in fields(TrainerState):
+            if fld.name not in tg.attrs:
+                raise UserError(f"checkpoint {path} lacks /trainer attribute {fld.name!r}")
+            values[fld.name] = type(fld.default)(tg.attrs[fld.name])
+        ck.trainer = TrainerState(**values)
+        ck.rng = {k: (v.item() if hasattr(v, "item") else v) for k, v in rg.attrs.items()}
+        ck.seed = int(ck.rng["seed"])
+        if "epoch_order" in rg:
+            ds = rg["epoch_order"]
+            if ds.size and not ds.fletcher32:
+                raise UserError(f"checkpoint {path}: {ds.name} carries no checksum")
+            ck.epoch_order = ds[()]
+            n[0] += 1
+    ck.datasets = n[0]
+    return ck
+
+
+def check_consistent(ck: Checkpoint, path: str | Path) -> None:
+    """The file against its own architecture: every array present, right shape and dtype."""
+    from .nn import Sequential  # noqa: PLC0415  (checkpoint -> nn, never the reverse)
+
+    try:
+        model = Sequential.from_spec(ck.architecture)
+    except (UserError, ValueError, TypeError) as e:
+        raise UserError(f"checkpoint {path}: its architecture cannot be built: {e}") from None
+    if model.dtype.name != ck.meta.get("dtype"):
+        raise UserError(f"checkpoint {path}: dtype attribute {ck.meta.get('dtype')} differs "
+                        f"from the architecture's {model.dtype.name}")
+    groups = [("params", model.param_slots, ck.params), ("state", model.state_slots, ck.state)]
+    groups += [(f"optimizer/{s}", model.param_slots, arrays)
+               for s, arrays in ck.optimizer_state.items()]
+    for kind, slots, arrays in groups:
+        _check_arrays(kind, slots, arrays, model.dtype, path)
+        extra = set(arrays) - {(s.layer, s.name) for s in slots}
+        if extra:
+            layer, name = sorted(extra)[0]
+            raise UserError(f"checkpoint {path} has /{kind}/{layer}/{name}, which its "
+                            "architecture does not have")
+    t = ck.trainer
+    if min(t.epoch, t.epoch_pos, t.global_step, t.samples_seen, t.skipped_steps) < 0:
+        raise UserError(f"checkpoint {path}: negative counters in /trainer")
+
+
+def _check_arrays(kind: str, slots: Any, arrays: dict[tuple[str, str], np.ndarray],
+                  dtype: Any, path: str | Path) -> None:
+    for s in slots:
+        a = arrays.get((s.layer, s.name))
+        if a is None:
+            raise UserError(f"checkpoint {path} lacks /{kind}/{s.layer}/{s.name}")
+        if tuple(a.shape) != s.shape:
+            raise UserError(f"checkpoint {path}: /{kind}/{s.layer}/{s.name} has shape "
+                            f"{tuple(a.shape)}, the model expects {s.shape}")
+        if a.dtype != dtype:
+            raise UserError(f"checkpoint {path}: /{kind}/{s.layer}/{s.name} is {a.dtype}, "
+                            f"the model is {np.dtype(dtype).name}")
 
 
 def check_compatible(ck: Checkpoint, model: Any, path: str | Path) -> None:
@@ -240,15 +427,12 @@ def check_compatible(ck: Checkpoint, model: Any, path: str | Path) -> None:
                             f"checkpoint has {g}, config has {w}")
     if len(gl) != len(wl):
         raise UserError(f"checkpoint {path} has {len(gl)} layers, the model has {len(wl)}")
+    if got.get("dtype", want["dtype"]) != want["dtype"]:
+        raise UserError(f"checkpoint {path} holds {got.get('dtype')} parameters, the config "
+                        f"asks for {want['dtype']}")
     for kind, slots, arrays in (("params", model.param_slots, ck.params),
                                 ("state", model.state_slots, ck.state)):
-        for s in slots:
-            a = arrays.get((s.layer, s.name))
-            if a is None:
-                raise UserError(f"checkpoint {path} lacks /{kind}/{s.layer}/{s.name}")
-            if tuple(a.shape) != s.shape:
-                raise UserError(f"checkpoint {path}: /{kind}/{s.layer}/{s.name} has shape "
-                                f"{tuple(a.shape)}, the model expects {s.shape}")
+        _check_arrays(kind, slots, arrays, model.dtype, path)
 
 
 def flatten(model: Any, arrays: dict[tuple[str, str], np.ndarray], kind: str = "params",
@@ -268,7 +452,7 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Step checkpoints in ``run_dir``, newest first."""
+    """Step checkpoints in ``run_dir``, newest first (best.h5 and temp files excluded)."""
     d = checkpoint_dir(run_dir)
     if not d.is_dir():
         return []
@@ -281,17 +465,18 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 
 
 def find_resumable(run_dir: str | Path, warn: Any = print) -> tuple[Path, Checkpoint] | None:
-    """The newest checkpoint that verifies; corrupt ones are named and skipped."""
+    """The newest checkpoint that verifies; each bad one is named in a warning and skipped."""
     for p in list_checkpoints(run_dir):
         try:
             return p, read_file(p)
         except UserError as e:
-            warn(f"warning: skipping {p}: {e}")
+            warn(f"warning: skipping {p.name}: {e}")
     return None
 
 
 def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` step checkpoints (best.h5 is kept)."""
+    """Delete all but the newest ``keep_last`` step checkpoints (best.h5 is kept), and
+    temp files that an earlier, killed process left behind."""
     removed = []
     for p in list_checkpoints(run_dir)[keep_last:]:
         p.unlink(missing_ok=True)
