@@ -197,7 +197,9 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Run) -> int:
     ck = ckpt.read_file(args.path)  # reads every dataset: HDF5 verifies each checksum
     n_params = sum(a.size for a in ck.params.values())
     if args.json:
-        print(json.dumps({"meta": ck.meta, "trainer": vars(ck.trainer),
+        trainer = {k: (None if isinstance(v, float) and v != v else v)  # NaN is not JSON
+                   for k, v in vars(ck.trainer).items()}
+        print(json.dumps({"meta": ck.meta, "trainer": trainer,
                           "architecture": ck.architecture, "params": int(n_params),
                           "checksums": {"sha256": "ok", "fletcher32_datasets": ck.datasets}},
                          default=str, indent=2))

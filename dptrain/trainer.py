@@ -423,6 +423,12 @@ class Trainer:
         sums.fill(0)
         local_total = 0
         step = self.state.global_step
+        keep_state = cfg.on_nonfinite == "skip" and self.model.state.size > 0
+        if keep_state:  # a skipped step must not leave NaN in BatchNorm's running stats
+            backup = getattr(self, "_state_backup", None)
+            if backup is None:
+                backup = self._state_backup = xp.empty_like(self.model.state)
+            backup[...] = self.model.state
         for j in range(k):
             micro = idx[j * self.micro_batch:(j + 1) * self.micro_batch]
             last = j == k - 1
@@ -470,6 +476,8 @@ class Trainer:
         tl.add("sync_wait", t3, t4, buckets=len(self.sync.buckets))
         times["sync_wait"] += t4 - t3
         skipped = self._guard_nonfinite(step)
+        if skipped and keep_state:
+            self.model.state[...] = self._state_backup
         if not skipped:
             if cfg.clip_norm:
                 n2 = self._grad_norm2  # known from the guard: no second read-back

@@ -192,6 +192,26 @@ def test_skip_leaves_the_parameters_as_they_were(tmp_path):
     assert epoch["skipped_steps"] == 1 and np.isfinite(epoch["train_loss"])
 
 
+def test_skip_keeps_batchnorm_statistics_clean(tmp_path):
+    """A NaN batch at step 3 with `skip`: BatchNorm's running statistics are restored too,
+    so the model (parameters and state) equals the one after two clean steps."""
+    bn = ["--layers", json.dumps([{"type": "flatten"}, {"type": "dense", "units": 16},
+                                  {"type": "batchnorm"}, {"type": "relu"},
+                                  {"type": "dense", "units": 10}])]
+    clean, _ = run(tmp_path / "clean", *bn, "--max-steps", "2")
+    assert clean.returncode == 0, clean.stderr
+    proc, _ = run(tmp_path / "run", *bn, "--max-steps", "3", "--on-nonfinite", "skip",
+                  fault="where=data,step=3,kind=nan")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = ckpt.read_file(tmp_path / "run" / "model.h5")
+    b = ckpt.read_file(tmp_path / "clean" / "model.h5")
+    for key in b.state:
+        assert np.isfinite(a.state[key]).all(), key
+        np.testing.assert_array_equal(a.state[key], b.state[key])
+    np.testing.assert_array_equal(final_params(tmp_path / "run"),
+                                  final_params(tmp_path / "clean"))
+
+
 def test_too_many_consecutive_skips_stop(tmp_path):
     run_dir = tmp_path / "run"
     proc, _ = run(run_dir, "--on-nonfinite", "skip", "--max-skips", "3",
