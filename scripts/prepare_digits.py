@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-import h5py
 import numpy as np
+
+from dptrain.data.writer import save_hdf5
 
 SPLIT_SEED = 0
 N_TEST = 360  # about 20% of 1,797
@@ -80,36 +79,15 @@ def write_h5(out: Path, pixels: np.ndarray, labels: np.ndarray, source: Path) ->
     train_idx, test_idx = stratified_split(y, N_TEST, SPLIT_SEED)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            f.attrs["name"] = "digits"
-            f.attrs["num_classes"] = 10
-            f.attrs["description"] = ("UCI optical recognition of handwritten digits: 8x8 images, "
-                                      "pixel counts 0..16 scaled to [0, 1]")
-            f.attrs["source"] = SOURCE_URL
-            f.attrs["source_file"] = "scikit-learn sklearn/datasets/data/digits.csv.gz"
-            f.attrs["source_sha256"] = digest
-            f.attrs["license"] = "CC BY 4.0"
-            f.attrs["citation"] = CITATION
-            f.attrs["split"] = f"stratified by class, seed {SPLIT_SEED}, {N_TEST} test samples"
-            for split, idx in (("train", train_idx), ("test", test_idx)):
-                g = f.create_group(split)
-                for key, arr in (("x", x[idx]), ("y", y[idx])):
-                    g.create_dataset(key, data=np.ascontiguousarray(arr), compression="gzip",
-                                     compression_opts=9, shuffle=True, track_times=False)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    save_hdf5(out, {"train": (x[train_idx], y[train_idx]), "test": (x[test_idx], y[test_idx])},
+              {"name": "digits", "num_classes": 10,
+               "description": ("UCI optical recognition of handwritten digits: 8x8 images, "
+                               "pixel counts 0..16 scaled to [0, 1]"),
+               "source": SOURCE_URL,
+               "source_file": "scikit-learn sklearn/datasets/data/digits.csv.gz",
+               "source_sha256": digest, "license": "CC BY 4.0", "citation": CITATION,
+               "split": f"stratified by class, seed {SPLIT_SEED}, {N_TEST} test samples"},
+              level=9)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
-import h5py
 import numpy as np
+
+from dptrain.data.writer import save_hdf5
 
 IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -98,35 +97,10 @@ def write_h5(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], name: 
     if not out.parent.is_dir():
         raise PrepareError(f"output directory does not exist: {out.parent}")
     try:
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        save_hdf5(out, splits, {"name": name, "num_classes": 10,
+                                "class_names": CLASS_NAMES[name], "source": SOURCES[name]})
     except OSError as e:
-        raise PrepareError(f"cannot write to {out.parent} ({e.strerror})") from e
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["name"] = name
-            f.attrs["num_classes"] = 10
-            f.attrs["class_names"] = CLASS_NAMES[name]
-            f.attrs["source"] = SOURCES[name]
-            for split, (x, y) in splits.items():
-                g = f.create_group(split)
-                g.create_dataset("x", data=x, compression="gzip", compression_opts=4,
-                                 chunks=(min(len(x), 1024), *x.shape[1:]))
-                g.create_dataset("y", data=y, compression="gzip", compression_opts=4)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
-        os.replace(tmp, out)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise PrepareError(f"cannot write {out} ({e})") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        raise PrepareError(f"cannot write {out} ({e.strerror or e})") from e
 
 
 def main(argv: list[str] | None = None) -> int:

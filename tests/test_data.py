@@ -12,11 +12,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import ROOT, child_env
 
 from dptrain.data import DataSplits, load_dataset, validate_for_model
 from dptrain.errors import UserError
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_h5(path: Path, x, y, x_test=None, y_test=None, **attrs) -> Path:
@@ -350,7 +349,7 @@ def make_idx_dir(d: Path, gz: bool, n_train=12, n_test=5, bad_magic=False, short
 
 def run_prepare(*args, timeout=60):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_mnist.py"), *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=child_env())
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -392,3 +391,20 @@ def test_prepare_mnist_count_mismatch_and_missing(tmp_path):
     r = run_prepare(str(tmp_path / "src"), str(tmp_path / "m.h5"))
     assert r.returncode == 2 and "missing file" in r.stderr and "train-labels" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_save_hdf5_round_trip_and_no_temp_left(tmp_path: Path) -> None:
+    from dptrain.data.writer import save_hdf5
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, size=(30, 4, 4, 1), dtype=np.uint8)
+    y = rng.integers(0, 3, size=30)
+    out = save_hdf5(tmp_path / "mine.h5", {"train": (x[:20], y[:20]), "test": (x[20:], y[20:])},
+                    {"num_classes": 3})
+    s = load_dataset(str(out))
+    np.testing.assert_allclose(s.train.x, x[:20] / np.float32(255), rtol=1e-6)
+    np.testing.assert_array_equal(s.test.y, y[20:])
+    assert s.num_classes == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.h5"]
+    with pytest.raises(OSError):
+        save_hdf5(tmp_path / "missing" / "x.h5", {"train": (x, y)})

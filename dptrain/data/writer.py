@@ -1,0 +1,50 @@
+"""Write datasets in dptrain's HDF5 format (``/train/x``, ``/train/y``, ``/test/...``).
+
+The file appears under its name only when complete: it is written to a temporary file in
+the same directory and renamed, so an interrupted conversion leaves no half dataset.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_hdf5(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
+              attrs: dict[str, Any] | None = None, level: int = 4) -> Path:
+    """Atomically write ``{"train": (x, y), "test": (x, y)}`` with gzip ``level``.
+
+    Arrays are stored as given (uint8 inputs are scaled by 1/255 when loaded). Raises
+    OSError when the directory cannot be written; no temporary file is left behind.
+    """
+    import h5py  # noqa: PLC0415
+
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            f.attrs.update(attrs or {})
+            for split, (x, y) in splits.items():
+                g = f.create_group(split)
+                for key, arr in (("x", x), ("y", y)):
+                    arr = np.ascontiguousarray(arr)
+                    chunks = (min(len(arr), 1024), *arr.shape[1:]) if len(arr) else None
+                    g.create_dataset(key, data=arr, chunks=chunks, compression="gzip",
+                                     compression_opts=level, shuffle=True, track_times=False)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
