@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .blas import level1
 from .errors import UserError
 
 Schedule = Callable[[int], float]
@@ -100,15 +101,24 @@ class SGD(Optimizer):
             raise UserError("nesterov needs momentum > 0")
         super().__init__(params, grads, xp, **kw)
         self.momentum, self.nesterov = momentum, nesterov
+        # one pass per BLAS call instead of two ufunc passes and a temporary (NumPy only)
+        self._blas = level1(params.dtype) if xp is np else None
 
     def _update(self, lr: float) -> None:
-        g = self.grads
+        g, p = self.grads, self.params
         if self.weight_decay:
             g += self._decay_term()
+        blas = self._blas
+        v = self.state.get("momentum")
+        if blas is not None and not self.nesterov and blas.usable(p, g, *self.state.values()):
+            if v is not None:
+                blas.axpby(1.0, g, self.momentum, v)  # v = m*v + g
+                g = v
+            blas.axpby(-lr, g, 1.0, p)                # p -= lr * v (or lr * g)
+            return
         if not self.momentum:
             self.params -= self.xp.multiply(g, lr, out=self._tmp)
             return
-        v = self.state["momentum"]
         v *= self.momentum
         v += g
         if self.nesterov:
@@ -157,9 +167,14 @@ class Adam(Optimizer):
         self.params -= upd
 
 
-def clip_grad_norm(grads: Any, max_norm: float, xp: ModuleType = np) -> float:
-    """Scale ``grads`` in place so that its global L2 norm is at most ``max_norm``."""
-    norm = float(xp.sqrt(xp.dot(grads, grads)))
+def clip_grad_norm(grads: Any, max_norm: float, xp: ModuleType = np,
+                   norm: float | None = None) -> float:
+    """Scale ``grads`` in place so that its global L2 norm is at most ``max_norm``.
+
+    ``norm``, when the caller already knows it, saves reading it back from the device.
+    """
+    if norm is None:
+        norm = float(xp.sqrt(xp.dot(grads, grads)))
     if max_norm > 0 and norm > max_norm:
         grads *= max_norm / (norm + 1e-12)
     return norm

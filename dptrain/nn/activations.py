@@ -34,13 +34,23 @@ class ReLU(Layer):
     """max(x, 0); the gradient at exactly 0 is taken as 0."""
 
     kind = "relu"
+    #: set by Sequential when the next layer applies this ReLU itself (max pooling:
+    #: max(relu(x)) == relu(max(x)) on a quarter of the data); the layer passes through
+    deferred = False
 
     def forward(self, x: Any, ctx: Context) -> Any:
-        self._mask = x > 0
-        return ctx.xp.maximum(x, 0)
+        if self.deferred:
+            return x
+        xp = ctx.xp
+        self._mask = xp.greater(x, 0, out=self._buffer("mask", x.shape, np.bool_, xp))
+        return xp.maximum(x, 0, out=self._out("y", x.shape, x.dtype, ctx))
 
     def backward(self, dy: Any, ctx: Context, need_dx: bool = True) -> Any:
-        return dy * self._mask if need_dx else None
+        if not need_dx:
+            return None
+        if self.deferred:
+            return dy
+        return ctx.xp.multiply(dy, self._mask, out=self._out("dx", dy.shape, dy.dtype, ctx))
 
 
 @register

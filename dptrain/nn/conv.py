@@ -2,8 +2,18 @@
 
 The column matrix has shape (N, Ho, Wo, kh, kw, Cin), so that its rows flatten in the
 same (kh, kw, Cin) order as W (kh, kw, Cin, filters): forward is one matrix product and
-needs no transpose of the output. It is built by a loop over the kh*kw kernel offsets,
-each copying one strided slice of the padded input; col2im is the same loop with ``+=``.
+needs no transpose of the output. It is one copy of a strided window view of the padded
+input (stride tricks), or, for few channels, where that copy's inner loop would be
+short, a loop over the kh*kw kernel offsets copying one strided slice each.
+
+The column matrix is built and consumed a few images at a time (``CHUNK_BYTES``), so that
+im2col and its GEMM run in cache; backward rebuilds the chunks from the padded input for
+the weight gradient rather than keeping a whole batch's column matrix in memory.
+
+The input gradient of a stride-1 convolution is itself a convolution: of the output
+gradient, padded by (kernel - 1 - padding), with the kernel flipped and its channel axes
+swapped; it costs one im2col and one GEMM and no scatter-add. Other strides build the
+column gradient with one GEMM and add it back (col2im: the offset loop with ``+=``).
 The sliding-window geometry here (``Window``) is shared with the pooling layers.
 """
 
@@ -74,7 +84,6 @@ class Window(Layer):
         self.kernel_hw = as_pair(kernel_name, kernel)
         self.stride_hw = as_pair("stride", stride)
         self.pad_spec = parse_padding(padding)
-        self._scratch: dict[tuple[Any, ...], Any] = {}
         self._geo: tuple[int, ...] = ()
 
     def _window_shape(self, in_shape: Shape) -> tuple[int, int]:
@@ -91,20 +100,6 @@ class Window(Layer):
         Wo, pl, pr = axis_geometry(W, kw, sw, pw)
         self._geo = (H, W, Ho, Wo, pt, pb, pl, pr)
         return Ho, Wo
-
-    def _buffer(self, tag: str, shape: tuple[int, ...], dtype: Any, xp: Any,
-                fill: float | None = None) -> Any:
-        """A scratch array reused across calls with the same shape (kept for 3 shapes)."""
-        key = (tag, shape, np.dtype(dtype).str, xp.__name__)
-        buf = self._scratch.get(key)
-        if buf is None:
-            if len(self._scratch) >= 6:
-                self._scratch.pop(next(iter(self._scratch)))
-            buf = xp.empty(shape, dtype=dtype)
-            if fill is not None:
-                buf.fill(fill)
-            self._scratch[key] = buf
-        return buf
 
     def _padded(self, x: Any, xp: Any, fill: float) -> Any:
         """``x`` inside a border of ``fill`` (a reused buffer whose border never changes)."""
@@ -129,8 +124,34 @@ class Window(Layer):
         return dxp[:, pt:pt + H, pl:pl + W, :]
 
     def _padded_zeros(self, n: int, c: int, dtype: Any, xp: Any) -> Any:
+        """A zeroed padded-input-shaped array (reused: zeroed on every call)."""
         H, W, _, _, pt, pb, pl, pr = self._geo
-        return xp.zeros((n, H + pt + pb, W + pl + pr, c), dtype=dtype)
+        buf = self._buffer("dpad", (n, H + pt + pb, W + pl + pr, c), dtype, xp)
+        buf.fill(0)
+        return buf
+
+
+def window_view(xp: Any, src: Any, out_hw: Pair, kernel: Pair, stride: Pair) -> Any:
+    """A read-only (N, Ho, Wo, kh, kw, C) view of the windows of ``src`` (N, H, W, C)."""
+    sN, sH, sW, sC = src.strides
+    (sh, sw) = stride
+    return xp.lib.stride_tricks.as_strided(
+        src, (src.shape[0], *out_hw, *kernel, src.shape[3]),
+        (sN, sH * sh, sW * sw, sH, sW, sC))
+
+
+def im2col(xp: Any, src: Any, cols: Any, kernel: Pair, stride: Pair) -> Any:
+    """Copy the windows of ``src`` (N, H, W, C) into ``cols`` (N, Ho, Wo, kh, kw, C)."""
+    N, Ho, Wo, kh, kw, C = cols.shape
+    if C >= 8:  # one copy whose inner loop runs over kw * C contiguous values
+        xp.copyto(cols, window_view(xp, src, (Ho, Wo), kernel, stride))
+        return cols
+    sh, sw = stride
+    for i in range(kh):  # few channels: kh * kw copies with an inner loop over Wo
+        for j in range(kw):
+            cols[:, :, :, i, j, :] = src[:, i:i + sh * (Ho - 1) + 1:sh,
+                                         j:j + sw * (Wo - 1) + 1:sw, :]
+    return cols
 
 
 @register
@@ -152,7 +173,7 @@ class Conv2D(Window):
         if not isinstance(bias, bool):
             raise ValueError(f"bias must be true or false, not {bias!r}")
         self.bias = bias
-        self._cols: Any = None
+        self._src: Any = None
 
     def options(self) -> dict[str, Any]:
         return {"filters": self.filters, **self._opts, "init": self.init, "bias": self.bias}
@@ -190,59 +211,142 @@ class Conv2D(Window):
         Ho, Wo, F = self.out_shape
         return 2 * Ho * Wo * self._k * F
 
+    #: bytes of one chunk of the column matrix: im2col and the GEMM that reads it then run
+    #: in the CPU's cache (a whole batch's column matrix is tens of MB for a mid-size conv,
+    #: and writing it to memory and reading it back costs more than rebuilding it). The
+    #: same on every backend, so that NumPy and CuPy runs do the same sums in the same order
+    CHUNK_BYTES = 2 << 20
+
+    def _chunk(self, n: int, per_image: int) -> int:
+        """Images per chunk of the column matrix."""
+        return max(1, min(n, self.CHUNK_BYTES // max(per_image, 1)))
+
+    def _column_chunks(self, src: Any, xp: Any) -> Any:
+        """(rows of the column matrix, slice of its rows) chunk by chunk, rebuilt from the
+        padded input ``src`` into one reused chunk buffer (the input itself for 1x1)."""
+        N = src.shape[0]
+        _, _, Ho, Wo, *_ = self._geo
+        (kh, kw), C, K = self.kernel_hw, self.in_shape[2], self._k
+        rows = Ho * Wo
+        if self._direct():
+            yield src.reshape(N * rows, K), slice(0, N * rows)
+            return
+        c = self._chunk(N, rows * K * src.dtype.itemsize)
+        cols = self._buffer("cols", (c, Ho, Wo, kh, kw, C), src.dtype, xp)
+        for s in range(0, N, c):
+            e = min(s + c, N)
+            part = im2col(xp, src[s:e], cols[:e - s], self.kernel_hw, self.stride_hw)
+            yield part.reshape((e - s) * rows, K), slice(s * rows, e * rows)
+
     def forward(self, x: Any, ctx: Context) -> Any:
         xp = ctx.xp
         N = x.shape[0]
         _, _, Ho, Wo, *_ = self._geo
-        (kh, kw), C, F = self.kernel_hw, self.in_shape[2], self.filters
-        M, K = N * Ho * Wo, self._k
-        if self._direct():
-            cols2 = x.reshape(M, K)
-        else:
-            xpad = self._padded(x, xp, 0)
-            cols = self._buffer("cols", (N, Ho, Wo, kh, kw, C), x.dtype, xp)
-            for i, j, sl in self._offsets():
-                cols[:, :, :, i, j, :] = xpad[sl]
-            cols2 = cols.reshape(M, K)
-        self._cols = cols2
-        y = xp.matmul(cols2, self.params["W"].reshape(K, F))
+        K, F = self._k, self.filters
+        W2 = self.params["W"].reshape(K, F)
+        src = x if self._direct() else self._padded(x, xp, 0)
+        self._src = src  # backward rebuilds the column chunks from it
+        y = self._out("y", (N * Ho * Wo, F), np.result_type(x.dtype, W2.dtype), ctx)
+        for part, rows in self._column_chunks(src, xp):
+            xp.matmul(part, W2, out=y[rows])
         if self.bias:
             y += self.params["b"]
         return y.reshape(N, Ho, Wo, F)
 
+    def _transposable(self) -> bool:
+        """Stride 1 and padding < kernel: dx is a convolution of the padded dy."""
+        _, _, _, _, pt, pb, pl, pr = self._geo
+        kh, kw = self.kernel_hw
+        return self.stride_hw == (1, 1) and max(pt, pb) < kh and max(pl, pr) < kw
+
     def backward(self, dy: Any, ctx: Context, need_dx: bool = True) -> Any:
         xp = ctx.xp
-        cols2 = self._cols
-        if cols2 is None:
+        src = self._src
+        if src is None:
             raise RuntimeError(f"layer {self.name}: backward without a matching forward")
-        M, K, F = cols2.shape[0], self._k, self.filters
+        F = self.filters
+        M = dy.shape[0] * dy.shape[1] * dy.shape[2]
         dy2 = dy.reshape(M, F)
-        gW = self.grads["W"]
-        if ctx.accumulate or not gW.flags.c_contiguous:
-            if M or not ctx.accumulate:
-                self.set_grad("W", xp.matmul(cols2.T, dy2), ctx)
-                if self.bias:
-                    self.set_grad("b", dy2.sum(axis=0), ctx)
-        elif M == 0:
-            for g in self.grads.values():
-                g.fill(0)
-        else:
-            xp.matmul(cols2.T, dy2, out=gW.reshape(K, F))
-            if self.bias:
-                dy2.sum(axis=0, out=self.grads["b"])
+        self._weight_grad(src, dy2, xp, ctx)
+        if self.bias:
+            if M and not ctx.accumulate:  # a GEMV with ones: several times faster than a sum
+                ones = self._buffer("ones", (M,), dy2.dtype, xp, fill=1)
+                xp.matmul(ones, dy2, out=self.grads["b"])
+            elif M:
+                self.set_grad("b", dy2.sum(axis=0), ctx)
+            elif not ctx.accumulate:
+                self.grads["b"].fill(0)
         if not need_dx:
             return None
-        W2 = self.params["W"].reshape(K, F)
+        W2 = self.params["W"].reshape(self._k, F)
         N, C = dy.shape[0], self.in_shape[2]
+        dtype = np.result_type(dy.dtype, W2.dtype)
         if self._direct():
-            return xp.matmul(dy2, W2.T).reshape(N, *self.in_shape)
-        # the column buffer is no longer needed: reuse it for the column gradient
-        self._cols = None
-        dcols2 = xp.matmul(dy2, W2.T, out=cols2) if M else cols2
+            return xp.matmul(dy2, W2.T, out=self._out("dx", (M, C), dtype, ctx)
+                             ).reshape(N, *self.in_shape)
+        if self._transposable():
+            return self._dx_by_convolution(dy, xp, dtype, ctx)
+        return self._dx_by_col2im(dy2, N, xp, dtype, ctx)
+
+    def _weight_grad(self, src: Any, dy2: Any, xp: Any, ctx: Context) -> None:
+        """dW = sum over chunks of columns^T @ dy, written (or added, when accumulating)."""
+        gW = self.grads["W"]
+        K, F = self._k, self.filters
+        first = not ctx.accumulate
+        direct = gW.reshape(K, F) if gW.flags.c_contiguous else None
+        for part, rows in self._column_chunks(src, xp):
+            if first and direct is not None:
+                xp.matmul(part.T, dy2[rows], out=direct)
+            else:
+                tmp = self._buffer("gW", (K, F), np.result_type(part.dtype, dy2.dtype), xp)
+                xp.matmul(part.T, dy2[rows], out=tmp)
+                if first:
+                    gW[...] = tmp.reshape(gW.shape)
+                else:
+                    gW += tmp.reshape(gW.shape)
+            first = False
+        if first:  # an empty batch: a zero gradient (or nothing to add)
+            gW.fill(0)
+
+    def _dx_by_convolution(self, dy: Any, xp: Any, dtype: Any, ctx: Context) -> Any:
+        """dx = dy padded by (kernel - 1 - padding), correlated with the flipped kernel
+        whose input and output channel axes are swapped (stride 1 only), chunk by chunk."""
+        H, W, Ho, Wo, pt, pb, pl, pr = self._geo
+        (kh, kw), C, F = self.kernel_hw, self.in_shape[2], self.filters
+        N = dy.shape[0]
+        top, left = kh - 1 - pt, kw - 1 - pl
+        dyp = self._buffer("dypad", (N, H + kh - 1, W + kw - 1, F), dy.dtype, xp, fill=0)
+        dyp[:, top:top + Ho, left:left + Wo, :] = dy
+        wrot = self._buffer("wrot", (kh, kw, F, C), self.params["W"].dtype, xp)
+        wrot[...] = self.params["W"][::-1, ::-1].transpose(0, 1, 3, 2)
+        wrot2 = wrot.reshape(kh * kw * F, C)
+        dx = self._out("dx", (N * H * W, C), dtype, ctx)
+        c = self._chunk(N, H * W * kh * kw * F * dy.dtype.itemsize)
+        cols = self._buffer("dcols", (c, H, W, kh, kw, F), dy.dtype, xp)
+        for s in range(0, N, c):
+            e = min(s + c, N)
+            part = im2col(xp, dyp[s:e], cols[:e - s], (kh, kw), (1, 1))
+            xp.matmul(part.reshape((e - s) * H * W, kh * kw * F), wrot2,
+                      out=dx[s * H * W:e * H * W])
+        return dx.reshape(N, H, W, C)
+
+    def _dx_by_col2im(self, dy2: Any, N: int, xp: Any, dtype: Any, ctx: Context) -> Any:
+        """Column gradient dy @ W^T chunk by chunk, each added back onto the padded input
+        positions it came from (any stride and padding)."""
         _, _, Ho, Wo, *_ = self._geo
-        kh, kw = self.kernel_hw
-        dcols = dcols2.reshape(N, Ho, Wo, kh, kw, C)
-        dxp = self._padded_zeros(N, C, dy.dtype, xp)
-        for i, j, sl in self._offsets():
-            dxp[sl] += dcols[:, :, :, i, j, :]
-        return self._unpad(dxp)
+        (kh, kw), C, K = self.kernel_hw, self.in_shape[2], self._k
+        W2 = self.params["W"].reshape(K, self.filters)
+        rows = Ho * Wo
+        dxp = self._padded_zeros(N, C, dtype, xp)
+        c = self._chunk(N, rows * K * np.dtype(dtype).itemsize)
+        dcols = self._buffer("dcols", (c, Ho, Wo, kh, kw, C), dtype, xp)
+        for s in range(0, N, c):
+            e = min(s + c, N)
+            part = dcols[:e - s]
+            xp.matmul(dy2[s * rows:e * rows], W2.T, out=part.reshape((e - s) * rows, K))
+            target = dxp[s:e]
+            for i, j, sl in self._offsets():
+                target[sl] += part[:, :, :, i, j, :]
+        dx = self._out("dx", (N, *self.in_shape), dtype, ctx)
+        dx[...] = self._unpad(dxp)
+        return dx

@@ -64,7 +64,9 @@ class Dense(Layer):
     def forward(self, x: Any, ctx: Context) -> Any:
         xp = ctx.xp
         self._x = x
-        y = xp.matmul(x, self.params["W"])
+        W = self.params["W"]
+        y = xp.matmul(x, W, out=self._out("y", (x.shape[0], self.units),
+                                          np.result_type(x.dtype, W.dtype), ctx))
         if self.bias:
             y += self.params["b"]
         return y
@@ -86,4 +88,6 @@ class Dense(Layer):
                 dy.sum(axis=0, out=self.grads["b"])
         if not need_dx:
             return None
-        return xp.matmul(dy, self.params["W"].T)
+        W = self.params["W"]
+        return xp.matmul(dy, W.T, out=self._out("dx", (dy.shape[0], W.shape[0]),
+                                                np.result_type(dy.dtype, W.dtype), ctx))

@@ -4,20 +4,29 @@ Each layer's parameters and gradients are views into the model's flat buffers, l
 in *reverse* layer order: backward produces gradients from the last layer to the first,
 so the gradient buffer fills from offset 0 upwards and a bucket of it is complete as soon
 as backward has passed the layers it covers (see dist/sync.py).
+
+Inside a model the layers write their results into buffers they keep across steps
+(``Context.reuse``), so a training step allocates no large arrays; ``forward`` hands
+back a copy of the (small) final output, which stays valid after the next call. A ReLU
+directly in front of a max pooling is applied by the pooling to its (smaller) output:
+max(relu(x)) == relu(max(x)), with the same gradients, bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
+from .activations import ReLU
 from .base import Context, Layer, Shape, layer_from_spec
+from .pool import MaxPool2D
 
 
 class NonFiniteError(FloatingPointError):
@@ -52,8 +61,18 @@ def _layout(layers: list[Layer], shapes_of: Callable[[Layer], dict[str, Shape]])
     return slots
 
 
+#: ``hook(phase, layer_name, t_start, t_end)``, phase "forward" or "backward"
+LayerHook = Callable[[str, str, float, float], None]
+
+
 class Sequential:
     """A stack of layers with flat parameter, gradient and state buffers."""
+
+    #: called around every layer's forward and backward when set (a timeline); unset,
+    #: it costs one test per pass
+    layer_hook: LayerHook | None = None
+    #: let layers keep and reuse their result buffers across calls (see Context.reuse)
+    reuse_buffers: bool = True
 
     def __init__(self, layers: list[Layer], input_shape: Shape, dtype: Any = "float32",
                  xp: ModuleType = np) -> None:
@@ -70,6 +89,9 @@ class Sequential:
             layer.name = f"{i:02d}_{layer.kind}"
             shape = layer.build(shape, self.dtype)
         self.output_shape = shape
+        for a, b in zip(layers[:-1], layers[1:], strict=True):
+            if isinstance(a, ReLU) and isinstance(b, MaxPool2D):
+                a.deferred = b.relu_first = True
         self.param_slots = _layout(layers, lambda layer: layer.param_shapes())
         self.state_slots = _layout(layers, lambda layer: layer.state_shapes())
         n_params = self.param_slots[-1].end if self.param_slots else 0
@@ -88,6 +110,16 @@ class Sequential:
             layer.grads[s.name] = self.grads[s.offset:s.end].reshape(s.shape)
         for s in self.state_slots:
             by_name[s.layer].state[s.name] = self.state[s.offset:s.end].reshape(s.shape)
+
+    def use_grad_buffer(self, buf: Any) -> None:
+        """Keep the gradients in ``buf`` (e.g. memory shared with the other ranks of a
+        node) from now on: same size and type as ``grads``; every layer is rebound to it."""
+        if buf.shape != self.grads.shape or buf.dtype != self.grads.dtype:
+            raise ValueError(f"gradient buffer {buf.shape} {buf.dtype} does not match the "
+                             f"model's {self.grads.shape} {self.grads.dtype}")
+        buf[...] = self.grads
+        self.grads = buf
+        self._bind()
 
     def initialize(self, seed: int) -> None:
         """Fill parameters and state from a seeded generator (host), then copy to device."""
@@ -127,21 +159,39 @@ class Sequential:
 
     # -- computation ---------------------------------------------------------------
     def forward(self, x: Any, ctx: Context, check_finite: bool = False) -> Any:
+        """The model's output for ``x``: a new array (intermediates live in reused buffers)."""
+        if self.reuse_buffers and not ctx.reuse:
+            ctx = replace(ctx, reuse=True)
+        hook = self.layer_hook
         for layer in self.layers:
+            t0 = time.perf_counter() if hook is not None else 0.0
             x = layer.forward(x, ctx)
+            if hook is not None:
+                hook("forward", layer.name, t0, time.perf_counter())
             if check_finite and not bool(ctx.xp.isfinite(x).all()):
                 raise NonFiniteError(f"layer {layer.name} produced non-finite values")
-        return x
+        return x.copy() if ctx.reuse else x
 
     def backward(self, dout: Any, ctx: Context,
                  on_ready: Callable[[int], None] | None = None,
                  check_finite: bool = False) -> None:
-        """Backpropagate ``dout``; ``on_ready(offset)`` says grads[:offset] are final."""
+        """Backpropagate ``dout``; ``on_ready(offset)`` says grads[:offset] are final.
+
+        Layers in front of the first layer with parameters are skipped, and that layer
+        computes no input gradient: nothing would use it.
+        """
+        if self.reuse_buffers and not ctx.reuse:
+            ctx = replace(ctx, reuse=True)
         ends = self._grad_ends()
+        first = self._first_trainable()
+        hook = self.layer_hook
         d = dout
-        for i in range(len(self.layers) - 1, -1, -1):
+        for i in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[i]
-            d = layer.backward(d, ctx, need_dx=i > 0)
+            t0 = time.perf_counter() if hook is not None else 0.0
+            d = layer.backward(d, ctx, need_dx=i > first)
+            if hook is not None:
+                hook("backward", layer.name, t0, time.perf_counter())
             if check_finite:
                 for name, g in layer.grads.items():
                     if not bool(ctx.xp.isfinite(g).all()):
@@ -149,6 +199,16 @@ class Sequential:
                             f"layer {layer.name} produced a non-finite gradient for {name}")
             if on_ready is not None and ends[i] is not None:
                 on_ready(ends[i])
+
+    def _first_trainable(self) -> int:
+        """Index of the first layer with parameters (len(layers) when there is none)."""
+        cached = getattr(self, "_first", None)
+        if cached is None:
+            owners = {s.layer for s in self.param_slots}
+            cached = self._first = next(
+                (i for i, layer in enumerate(self.layers) if layer.name in owners),
+                len(self.layers))
+        return cached
 
     def _grad_ends(self) -> list[int | None]:
         cached = getattr(self, "_ends", None)

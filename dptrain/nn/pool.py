@@ -49,31 +49,58 @@ class MaxPool2D(_Pool):
     """Maximum over each window; backward routes the gradient to the first maximum."""
 
     kind = "maxpool2d"
+    #: set by Sequential when the ReLU in front of this layer is deferred to it
+    relu_first = False
 
     def forward(self, x: Any, ctx: Context) -> Any:
         xp = ctx.xp
         xpad = self._padded(x, xp, -np.inf)
         offsets = self._offsets()
-        best = xpad[offsets[0][2]].copy()
-        idx_dtype = np.uint8 if len(offsets) < 256 else np.int32
-        arg = xp.zeros(best.shape, dtype=idx_dtype)
+        best = self._out("y", (x.shape[0], *self.out_shape), x.dtype, ctx)
+        best[...] = xpad[offsets[0][2]]
+        idx_dtype = np.uint8 if len(offsets) < 255 else np.int32
+        arg = self._buffer("arg", best.shape, idx_dtype, xp)
+        arg.fill(0)
+        better = self._buffer("better", best.shape, np.bool_, xp)
+        tmp = self._buffer("tmp", best.shape, idx_dtype, xp)
         for k, (_, _, sl) in enumerate(offsets[1:], start=1):
             cand = xpad[sl]
-            better = cand > best  # strict: ties keep the earliest offset
-            xp.copyto(arg, idx_dtype(k), where=better)
+            xp.greater(cand, best, out=better)  # strict: ties keep the earliest offset
+            # the last offset that beat the running maximum is the first maximum
+            xp.maximum(arg, xp.multiply(better, idx_dtype(k), out=tmp), out=arg)
             xp.maximum(best, cand, out=best)
+        if self.relu_first:  # relu(max(x)): a window whose maximum is <= 0 passes no
+            none = len(offsets)  # gradient, so it routes to no offset
+            xp.less_equal(best, 0, out=better)
+            xp.maximum(arg, xp.multiply(better, idx_dtype(none), out=tmp), out=arg)
+            xp.maximum(best, 0, out=best)
         self._arg = arg
         return best
+
+    def _tiles(self) -> bool:
+        """Windows that cover the input exactly once: no padding, stride == pool."""
+        H, W, Ho, Wo, pt, pb, pl, pr = self._geo
+        (kh, kw), (sh, sw) = self.kernel_hw, self.stride_hw
+        return ((kh, kw) == (sh, sw) and Ho * sh == H and Wo * sw == W
+                and not (pt or pb or pl or pr))
 
     def backward(self, dy: Any, ctx: Context, need_dx: bool = True) -> Any:
         if not need_dx:
             return None
         xp = ctx.xp
         arg = self._arg
+        hit = self._buffer("hit", arg.shape, np.bool_, xp)
+        if self._tiles():  # every input position gets exactly one value: no zeroing
+            dx = self._out("dx", (dy.shape[0], *self.in_shape), dy.dtype, ctx)
+            for k, (_, _, sl) in enumerate(self._offsets()):
+                xp.multiply(dy, xp.equal(arg, k, out=hit), out=dx[sl])
+            return dx
         dxp = self._padded_zeros(dy.shape[0], dy.shape[3], dy.dtype, xp)
+        part = self._buffer("part", dy.shape, dy.dtype, xp)
         for k, (_, _, sl) in enumerate(self._offsets()):
-            dxp[sl] += dy * (arg == k)
-        return self._unpad(dxp)
+            dxp[sl] += xp.multiply(dy, xp.equal(arg, k, out=hit), out=part)
+        dx = self._unpad(dxp)
+        return dx if ctx.reuse else dx.copy()
 
 
 @register
@@ -104,7 +131,8 @@ class AvgPool2D(_Pool):
         xp = ctx.xp
         xpad = self._padded(x, xp, 0)
         offsets = self._offsets()
-        acc = xpad[offsets[0][2]].copy()
+        acc = self._out("y", (x.shape[0], *self.out_shape), x.dtype, ctx)
+        acc[...] = xpad[offsets[0][2]]
         for _, _, sl in offsets[1:]:
             acc += xpad[sl]
         acc *= self._inv_count(x.dtype, xp)
@@ -114,8 +142,10 @@ class AvgPool2D(_Pool):
         if not need_dx:
             return None
         xp = ctx.xp
-        g = dy * self._inv_count(dy.dtype, xp)
+        g = xp.multiply(dy, self._inv_count(dy.dtype, xp),
+                        out=self._buffer("part", dy.shape, dy.dtype, xp))
         dxp = self._padded_zeros(dy.shape[0], dy.shape[3], dy.dtype, xp)
         for _, _, sl in self._offsets():
             dxp[sl] += g
-        return self._unpad(dxp)
+        dx = self._unpad(dxp)
+        return dx if ctx.reuse else dx.copy()
