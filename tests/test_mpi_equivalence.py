@@ -135,10 +135,15 @@ def test_float32_matches_one_rank(runs):
     assert rel_diff(runs.params(3, args), runs.params(1, args)) <= 1e-5
 
 
-@pytest.mark.parametrize("variant", [["--no-overlap"], ["--bucket-mb", "0.0005"]])
+MPI_SYNC = ["--no-shared-memory-sync"]  # bucketed MPI allreduces, as across nodes
+
+
+@pytest.mark.parametrize("variant", [MPI_SYNC, [*MPI_SYNC, "--no-overlap"],
+                                     [*MPI_SYNC, "--bucket-mb", "0.0005"]])
 def test_overlap_and_many_buckets_match_one_rank(runs, variant):
     args = [*BASE, *F64, *layers_arg(DROPOUT_NET)]
     params, out = runs.train(3, [*args, *variant])
+    assert "shared memory" not in out
     buckets = int(re.search(r"(\d+) gradient bucket", out).group(1))
     assert buckets >= 30 if "--bucket-mb" in variant else buckets == 1
     assert ("overlap off" in out) == ("--no-overlap" in variant)
