@@ -23,12 +23,17 @@ from .errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError, agreed
 COMMANDS = ("train", "eval", "inspect")
 
 
-class _Parser(argparse.ArgumentParser):
+def fail(message: str) -> NoReturn:
+    """Report a user mistake in one line and exit with 2 (also used by scripts/)."""
+    print(f"dptrain: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+class OneLineParser(argparse.ArgumentParser):
     """argparse that reports mistakes in one line with exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"dptrain: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR)
+        fail(f"{message} (see --help)")
 
 
 def _type_name(f: dataclasses.Field) -> str:
@@ -37,7 +42,7 @@ def _type_name(f: dataclasses.Field) -> str:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dptrain [train]",
+    p = OneLineParser(prog="python -m dptrain [train]",
                 description="Train a model data-parallel over MPI ranks (or in one process). "
                             "Other commands: `eval`, `inspect` (see `python -m dptrain eval "
                             "--help`). Options override the config file; every option is "
@@ -62,7 +67,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dptrain eval",
+    p = OneLineParser(prog="python -m dptrain eval",
                 description="Evaluate a saved model or checkpoint (rebuilt from the file "
                             "alone) on a dataset split; works under mpiexec too.")
     p.add_argument("--checkpoint", help="checkpoint or model file (default: RUN_DIR/model.h5)")
@@ -78,7 +83,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def inspect_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dptrain inspect",
+    p = OneLineParser(prog="python -m dptrain inspect",
                 description="Show a checkpoint's format, metadata, progress and architecture, "
                             "and verify every checksum (exit 2 on a bad file).")
     p.add_argument("path", help="checkpoint or model file")

@@ -28,7 +28,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
@@ -37,9 +37,10 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dptrain.cli import OneLineParser, fail
 from dptrain.config import make_config
 from dptrain.dist.comm import Communicator, make_communicator
-from dptrain.errors import EXIT_USER_ERROR, UserError
+from dptrain.errors import UserError
 from dptrain.nn import Sequential
 from dptrain.nn.conv import Conv2D
 from dptrain.nn.dense import Dense
@@ -56,16 +57,6 @@ BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OM
 FULL_BATCHES = 40  # full global batches per epoch of the synthetic training set
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports mistakes in one line with exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        fail(f"{message} (see --help)")
-
-
-def fail(message: str) -> NoReturn:
-    print(f"dptrain: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USER_ERROR)
 
 
 def positive(text: str) -> int:
@@ -76,7 +67,7 @@ def positive(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="python scripts/bench.py", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python scripts/bench.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="model preset")
     p.add_argument("--steps", type=positive, default=100, help="timed steps")

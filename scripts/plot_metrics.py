@@ -12,25 +12,12 @@ the later record wins. Needs matplotlib (the ``plot`` extra).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-EXIT_USER_ERROR = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports mistakes in one line with exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        fail(f"{message} (see --help)")
-
-
-def fail(message: str) -> NoReturn:
-    print(f"dptrain: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USER_ERROR)
+from dptrain.cli import OneLineParser, fail
 
 
 def read_metrics(path: Path) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
@@ -110,7 +97,7 @@ def plot(run_dir: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python scripts/plot_metrics.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python scripts/plot_metrics.py", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path, help="a run directory holding metrics.jsonl")
     p.add_argument("--out", type=Path, default=None, help="PNG to write "
                    "(default RUN_DIR/metrics.png)")
