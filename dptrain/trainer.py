@@ -85,6 +85,8 @@ class Trainer:
         self.timeline = Timeline(bool(cfg.timeline), self.rank)
         self.state = ckpt.TrainerState()
         self._last_ckpt_time = time.monotonic()
+        self._since_ckpt = 0.0    # seconds since the last checkpoint, agreed by all ranks
+        self._best_pending = False  # an epoch beat the best metric: write best.h5
         self._consecutive_skips = 0
 
     # -- output ----------------------------------------------------------------------
@@ -120,13 +122,15 @@ class Trainer:
         train = self.data.train
         num_out = self._num_outputs()
         self.model = build_model(cfg, train.sample_shape, num_out, self.backend)
-        if len(self.model.output_shape) == 1 and train.has_labels:  # name the labels first
+        labels_first = len(self.model.output_shape) == 1 and train.has_labels
+        if labels_first:  # out-of-range labels are named before the output-shape mismatch
             validate_for_model(self.data, self.model.input_shape, self.model.output_shape[0],
                                cfg.loss)
         if self.model.output_shape != (num_out,):
             raise UserError(f"the model's output shape {self.model.output_shape} does not "
                             f"match the dataset's {num_out} classes/targets")
-        validate_for_model(self.data, self.model.input_shape, num_out, cfg.loss)
+        if not labels_first:
+            validate_for_model(self.data, self.model.input_shape, num_out, cfg.loss)
         self.model.initialize(cfg.seed)
         self.loss = get_loss(cfg.loss)
 
@@ -168,6 +172,11 @@ class Trainer:
         self.watchdog = Watchdog(cfg.collective_timeout, lambda what: self.comm.abort(1),
                                  self.rank)
         self._ctx_reduce = self.comm.allreduce_sum if self.world > 1 else None
+        # [loss, correct] of a step, summed on the device: no synchronisation per step
+        self._step_sums = self.xp.zeros(2, np.float64)
+        # with on_nonfinite=skip, a skipped step restores BatchNorm's running statistics
+        self._state_backup = (self.xp.empty_like(self.model.state)
+                              if cfg.on_nonfinite == "skip" and self.model.state.size else None)
 
     def _check_local_batchnorm(self) -> None:
         """BatchNorm with sync=false normalises each rank's own samples: every rank that
@@ -353,8 +362,12 @@ class Trainer:
         return bool(self.cfg.max_steps) and self.state.global_step >= self.cfg.max_steps
 
     def _agree_stop(self) -> bool:
+        """All ranks agree whether any caught a signal; the same tiny allreduce also
+        agrees on the time since the last checkpoint (for time-based schedules)."""
         flag = 0.0 if self.stop_signal is None else 1.0
-        return bool(self.comm.allreduce_scalars([flag], "max")[0] > 0)
+        since = time.monotonic() - self._last_ckpt_time
+        flag, self._since_ckpt = self.comm.allreduce_scalars([flag, since], "max")
+        return bool(flag > 0)
 
     def _run_epoch(self) -> None:
         cfg, st = self.cfg, self.state
@@ -416,19 +429,12 @@ class Trainer:
         times = stats.times
         k = cfg.accum_steps
         scale = 1.0 / len(idx)
-        # [loss, correct] of this step, summed on the device: no synchronisation per step
-        sums = getattr(self, "_step_sums", None)
-        if sums is None:
-            sums = self._step_sums = xp.zeros(2, np.float64)
+        sums = self._step_sums
         sums.fill(0)
         local_total = 0
         step = self.state.global_step
-        keep_state = cfg.on_nonfinite == "skip" and self.model.state.size > 0
-        if keep_state:  # a skipped step must not leave NaN in BatchNorm's running stats
-            backup = getattr(self, "_state_backup", None)
-            if backup is None:
-                backup = self._state_backup = xp.empty_like(self.model.state)
-            backup[...] = self.model.state
+        if self._state_backup is not None:  # a skipped step must not leave NaN in BN stats
+            self._state_backup[...] = self.model.state
         for j in range(k):
             micro = idx[j * self.micro_batch:(j + 1) * self.micro_batch]
             last = j == k - 1
@@ -476,7 +482,7 @@ class Trainer:
         tl.add("sync_wait", t3, t4, buckets=len(self.sync.buckets))
         times["sync_wait"] += t4 - t3
         skipped = self._guard_nonfinite(step)
-        if skipped and keep_state:
+        if skipped and self._state_backup is not None:
             self.model.state[...] = self._state_backup
         if not skipped:
             if cfg.clip_norm:
@@ -595,11 +601,10 @@ class Trainer:
             # also at an epoch's last step (the loop hands that one to the end-of-epoch call)
             due = self.state.global_step % int(amount) == 0
         elif kind == "seconds" and not end_of_epoch:
-            elapsed = time.monotonic() - self._last_ckpt_time
-            due = bool(self.comm.allreduce_scalars([elapsed], "max")[0] >= amount)
+            due = self._since_ckpt >= amount  # agreed by every rank in _agree_stop()
         if due:
             self.save_checkpoint()
-        if end_of_epoch and getattr(self, "_best_pending", False):
+        if end_of_epoch and self._best_pending:
             self._best_pending = False
             self.save_checkpoint(best=True)
 
