@@ -113,9 +113,9 @@ def cmd_train(args: argparse.Namespace, ctx: _Run) -> int:
 
     cfg = config_from_args(args)
     if cfg.debug:
-        from .dist.comm import launched_by_mpi  # noqa: PLC0415
+        from .dist.comm import launched_by_mpi, launcher_world_size  # noqa: PLC0415
 
-        if launched_by_mpi() and _launched_world() > 1:
+        if launched_by_mpi() and launcher_world_size() > 1:
             raise UserError("--debug runs one process without MPI; start it without "
                             "mpiexec/srun (or with -n 1)")
         cfg.comm = "local"
@@ -139,25 +139,6 @@ def cmd_train(args: argparse.Namespace, ctx: _Run) -> int:
         return trainer.train()
     finally:
         trainer.close()
-
-
-def _launched_rank() -> int:
-    import os  # noqa: PLC0415
-
-    for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK",
-                "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
-def _launched_world() -> int:
-    import os  # noqa: PLC0415
-
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS", "MPI_LOCALNRANKS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
 
 
 def cmd_eval(args: argparse.Namespace, ctx: _Run) -> int:
@@ -251,7 +232,11 @@ class _Run:
     def rank(self) -> int:
         """This rank; before the communicator exists, the launcher's word for it (so a
         config mistake under mpiexec is printed by rank 0 alone, not once per rank)."""
-        return self.comm.rank if self.comm is not None else _launched_rank()
+        if self.comm is not None:
+            return self.comm.rank
+        from .dist.comm import launcher_rank  # noqa: PLC0415
+
+        return launcher_rank()
 
     @property
     def world(self) -> int:

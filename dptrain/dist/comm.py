@@ -30,6 +30,24 @@ def launched_by_mpi() -> bool:
     return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
+def launcher_rank() -> int:
+    """This process's rank as the launcher announced it (0 without a launcher); used
+    before MPI is initialised, e.g. so that only rank 0 prints a config error."""
+    for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK",
+                "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def launcher_world_size() -> int:
+    """How many processes the launcher started (1 without a launcher)."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS", "MPI_LOCALNRANKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
 class Request:
     """A pending non-blocking operation."""
 
