@@ -107,11 +107,22 @@ CPU = Backend(np, "cpu", None)
 
 
 def _import_cupy() -> ModuleType | None:
+    return _load_cupy()[0]
+
+
+def _load_cupy() -> tuple[ModuleType | None, str]:
+    """CuPy, or None and why not."""
     try:
         import cupy  # noqa: PLC0415
-    except Exception:  # ImportError, or a CUDA library that fails to load
-        return None
-    return cupy
+    except Exception as e:  # ImportError, or a CUDA library that fails to load
+        return None, _why(e)
+    return cupy, ""
+
+
+def _why(e: BaseException) -> str:
+    """An exception as one short line, for an error message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
 
 
 # -- which GPU each rank takes ----------------------------------------------------------
@@ -181,6 +192,7 @@ class _Probe:
     count: int
     pci: list[str]
     problem: int  # 0 ok, 1 no CuPy, 2 no visible GPU
+    reason: str = ""  # what CuPy said, for problems 1 and 2
 
 
 _PROBLEMS = {1: "CuPy is not installed (or its CUDA libraries failed to load): " + _INSTALL_HINT,
@@ -191,13 +203,15 @@ _PROBLEMS = {1: "CuPy is not installed (or its CUDA libraries failed to load): "
 def _probe() -> _Probe:
     cupy = _import_cupy()
     if cupy is None:
-        return _Probe(None, 0, [], 1)
+        return _Probe(None, 0, [], 1, _load_cupy()[1])
     try:
         n = int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:
-        n = 0
+    except Exception as e:  # no driver, a driver older than CuPy's CUDA, no device
+        n, reason = 0, _why(e)
+    else:
+        reason = ""
     if n == 0:
-        return _Probe(cupy, 0, [], 2)
+        return _Probe(cupy, 0, [], 2, reason)
     pci = []
     for i in range(n):
         try:
@@ -241,7 +255,8 @@ def select_backend(device: str, local_rank: int = 0, local_size: int = 1,
             return CPU  # every rank sees the same table: all fall back together
         first = int(failed[0])
         where = "" if rows.shape[0] == 1 else f" on rank {first}"
-        raise UserError(f"--device gpu: {_PROBLEMS[int(rows[first, 0])]}{where}")
+        said = f" ({probe.reason})" if probe.reason and probe.problem == rows[first, 0] else ""
+        raise UserError(f"--device gpu: {_PROBLEMS[int(rows[first, 0])]}{where}{said}")
     assert probe.cupy is not None
     rank = comm.rank if comm is not None else 0
     if rows.shape[0] > 1:

@@ -27,10 +27,16 @@ Arrays live in host memory (each wraps a NumPy array) but cross between "host" a
 Use ``configure(devices=N)`` to pretend there are N GPUs (``lazy_events=True`` for a GPU
 that is always behind the host) and ``reset_stats()`` between measurements. Only what
 dptrain needs is modelled.
+
+Every public name used through the stand-in is recorded in ``used`` as a path from the
+module (``matmul``, ``cuda.Stream.synchronize``, ``ndarray.get``; functions forwarded to
+NumPy also as ``take(out)`` with their keyword arguments), so that a test can check each
+against the real CuPy wherever one is installed.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 import sys
 from collections import Counter
@@ -47,27 +53,80 @@ _IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. Please use `.
              "construct a NumPy array explicitly.")
 
 
+#: the CuPy surface used since the last ``used.clear()`` (see the module docstring)
+used: set[str] = set()
+#: names of the stand-in itself, not of CuPy (never recorded)
+_OWN = frozenset({"configure", "reset_stats", "stats", "used"})
+
+
+class _Recorded:
+    """Records the public attributes read on instances as ``<_path>.<name>``."""
+
+    _path = ""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name[0] != "_":
+            used.add(f"{type(self)._path}.{name}")
+        return object.__getattribute__(self, name)
+
+
+class _Namespace(_Recorded, SimpleNamespace):
+    """A recorded sub-namespace (``cuda``, ``lib.stride_tricks``)."""
+
+    def __init__(self, path: str, **names: Any) -> None:
+        super().__init__(**names)
+        object.__setattr__(self, "_ns_path", path)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name[0] != "_":
+            used.add(f"{object.__getattribute__(self, '_ns_path')}.{name}")
+        return object.__getattribute__(self, name)
+
+
+def _keywords(path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Records ``path(k1,k2)`` for the keyword arguments a call passes."""
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(*args: Any, **kw: Any) -> Any:
+            if kw:
+                used.add(f"{path}({','.join(sorted(kw))})")
+            return fn(*args, **kw)
+        return call
+    return wrap
+
+
+class _RecordedModule(ModuleType):
+    """This module's own class: records the names read on it from outside."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name[0] != "_" and name not in _OWN:
+            used.add(name)
+        return super().__getattribute__(name)
+
+
 def reset_stats() -> None:
     """Zero every counter in ``stats``."""
     stats.clear()
 
 
 # -- devices and streams -----------------------------------------------------------------
-class _Runtime:
+class _Runtime(_Recorded):
     """Device count and the current device (what CUDA_VISIBLE_DEVICES would leave visible)."""
 
+    _path = "cuda.runtime"
+
     def __init__(self) -> None:
-        self.n_devices = 1
-        self.pci_bus_ids = ["0000:01:00.0"]
-        self.current = 0
-        self.streams: list[Stream] = []
-        self.lazy_events = False  # Event.done stays False until someone waits for it
+        self._n_devices = 1
+        self._pci_bus_ids = ["0000:01:00.0"]
+        self._current = 0
+        self._streams: list[Stream] = []
+        self._lazy_events = False  # Event.done stays False until someone waits for it
 
     def getDeviceCount(self) -> int:  # noqa: N802  (CuPy's name)
-        return self.n_devices
+        return self._n_devices
 
     def deviceSynchronize(self) -> None:  # noqa: N802
-        for s in list(self.streams):
+        for s in list(self._streams):
             s.synchronize()
 
 
@@ -81,38 +140,40 @@ def configure(devices: int = 1, pci_bus_ids: list[str] | None = None,
     ``lazy_events``: a GPU that is always behind, so ``Event.done`` is False until the
     host waits for the event (otherwise work completes as soon as anyone looks).
     """
-    _rt.lazy_events = bool(lazy_events)
-    _rt.n_devices = int(devices)
-    _rt.pci_bus_ids = list(pci_bus_ids or [f"0000:{i + 1:02x}:00.0" for i in range(devices)])
-    _rt.current = 0
+    _rt._lazy_events = bool(lazy_events)
+    _rt._n_devices = int(devices)
+    _rt._pci_bus_ids = list(pci_bus_ids or [f"0000:{i + 1:02x}:00.0" for i in range(devices)])
+    _rt._current = 0
 
 
-class Device:
+class Device(_Recorded):
     """``cupy.cuda.Device``: ``use()`` makes it current; also a context manager."""
 
+    _path = "cuda.Device"
+
     def __init__(self, device: int | None = None) -> None:
-        self.id = _rt.current if device is None else int(device)
-        if not 0 <= self.id < _rt.n_devices:
+        self.id = _rt._current if device is None else int(device)
+        if not 0 <= self.id < _rt._n_devices:
             raise RuntimeError(f"cudaErrorInvalidDevice: invalid device ordinal {self.id}")
         self._prev: list[int] = []
 
     def use(self) -> None:
-        _rt.current = self.id
+        _rt._current = self.id
 
     def synchronize(self) -> None:
         _rt.deviceSynchronize()
 
     @property
     def pci_bus_id(self) -> str:
-        return _rt.pci_bus_ids[self.id]
+        return _rt._pci_bus_ids[self.id]
 
     def __enter__(self) -> Device:
-        self._prev.append(_rt.current)
-        _rt.current = self.id
+        self._prev.append(_rt._current)
+        _rt._current = self.id
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _rt.current = self._prev.pop()
+        _rt._current = self._prev.pop()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Device) and other.id == self.id
@@ -124,9 +185,12 @@ class Device:
         return f"<CUDA Device {self.id}>"
 
 
-class Event:
+class Event(_Recorded):
     """``cupy.cuda.Event``: marks a point in one stream's queue."""
 
+    _path = "cuda.Event"
+
+    @_keywords("cuda.Event")
     def __init__(self, block: bool = False, disable_timing: bool = False,
                  interprocess: bool = False) -> None:
         self._stream: Stream | None = None
@@ -147,17 +211,20 @@ class Event:
         only once someone has waited for it."""
         if self._stream is None:
             return True
-        if _rt.lazy_events and self._stream._synced < self._seq:
+        if _rt._lazy_events and self._stream._synced < self._seq:
             return False
         self.synchronize()
         return True
 
 
-class Stream:
+class Stream(_Recorded):
     """``cupy.cuda.Stream``: operations issued on it are ordered; copies queue until a sync."""
+
+    _path = "cuda.Stream"
 
     null: Stream
 
+    @_keywords("cuda.Stream")
     def __init__(self, null: bool = False, non_blocking: bool = False, ptr: int = 0) -> None:
         self._seq = 0          # sequence number of the last operation issued
         self._synced = 0       # the host has waited for everything up to here
@@ -165,7 +232,7 @@ class Stream:
         self._queue: list[tuple[int, Callable[[], None]]] = []
         self._prev: list[Stream] = []
         self.ptr = 0 if null else id(self)
-        _rt.streams.append(self)
+        _rt._streams.append(self)
 
     def _issue(self, work: Callable[[], None] | None = None) -> int:
         self._seq += 1
@@ -228,7 +295,7 @@ class _Buffer:
     __slots__ = ("device", "base", "writes")
 
     def __init__(self, a: np.ndarray, stream: Stream, seq: int) -> None:
-        self.device = _rt.current
+        self.device = _rt._current
         self.base = _byte_bounds(a)[0]
         self.writes: dict[tuple[int, int], tuple[Stream, int]] = {}
         self.mark(a, stream, seq)
@@ -267,9 +334,9 @@ def _is_pinned(a: np.ndarray) -> bool:
 
 # -- arrays -------------------------------------------------------------------------------
 def _check_device(x: ndarray) -> None:
-    if x._buf.device != _rt.current:
+    if x._buf.device != _rt._current:
         raise ValueError(f"The device where the array resides ({x._buf.device}) is different "
-                         f"from the current device ({_rt.current}).")
+                         f"from the current device ({_rt._current}).")
 
 
 def _check_ready(x: ndarray, stream: Stream) -> None:
@@ -342,8 +409,10 @@ class _Flags:
         self.owndata = a.base is None
 
 
-class ndarray:  # noqa: N801  (CuPy's name)
+class ndarray(_Recorded):  # noqa: N801  (CuPy's name)
     """A device array of the stand-in module (wraps a NumPy array)."""
+
+    _path = "ndarray"
 
     __array_priority__ = 1000
     __hash__ = None  # type: ignore[assignment]
@@ -400,6 +469,7 @@ class ndarray:  # noqa: N801  (CuPy's name)
         return self._a.tolist()
 
     # -- crossing explicitly -----------------------------------------------------------
+    @_keywords("ndarray.get")
     def get(self, stream: Stream | None = None, order: str = "C", out: np.ndarray | None = None,
             blocking: bool = True) -> np.ndarray:
         """A host copy; with a stream, a pinned ``out`` and ``blocking=False`` it is queued."""
@@ -430,6 +500,7 @@ class ndarray:  # noqa: N801  (CuPy's name)
         stream._issue(copy)
         return out
 
+    @_keywords("ndarray.set")
     def set(self, arr: np.ndarray, stream: Stream | None = None) -> None:
         """Copy host ``arr`` in; with a stream the copy is queued on it."""
         _check_device(self)
@@ -568,6 +639,7 @@ def _sync_for_read(x: ndarray) -> None:
 
 
 # -- module functions ----------------------------------------------------------------------
+@_keywords("asarray")
 def asarray(a: Any, dtype: Any = None, order: Any = None) -> ndarray:
     """A device array: ``a`` itself (or a cast) when already one, else an upload (counted)."""
     if isinstance(a, ndarray):
@@ -582,12 +654,14 @@ def asarray(a: Any, dtype: Any = None, order: Any = None) -> ndarray:
     return out
 
 
+@_keywords("array")
 def array(a: Any, dtype: Any = None, copy: bool = True) -> ndarray:
     if isinstance(a, ndarray):
         return a.astype(dtype or a.dtype, copy=True)
     return asarray(a, dtype)
 
 
+@_keywords("asnumpy")
 def asnumpy(a: Any, stream: Stream | None = None, order: str = "C",
             out: np.ndarray | None = None, blocking: bool = True) -> np.ndarray:
     """``cupy.asnumpy``: a host copy of a device array (NumPy input is returned as is)."""
@@ -603,6 +677,7 @@ def get_array_module(*args: Any) -> ModuleType:
     return np
 
 
+@_keywords("copyto")
 def copyto(dst: ndarray, src: Any, casting: str = "same_kind", where: Any = True) -> None:
     _call(lambda d, s, w: np.copyto(d, s, casting=casting, where=w), dst, src, where,
           writes=dst)
@@ -624,6 +699,8 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'strict_xp' has no attribute {name!r}")
 
     def fn(*args: Any, **kw: Any) -> Any:
+        if kw:
+            used.add(f"{name}({','.join(sorted(kw))})")
         out = kw.get("out")
         return _call(target, *args, writes=out if isinstance(out, ndarray) else None, **kw)
     fn.__name__ = name
@@ -637,13 +714,15 @@ def _as_strided(x: ndarray, shape: Any = None, strides: Any = None) -> ndarray:
                  x, view=True)
 
 
-lib = SimpleNamespace(stride_tricks=SimpleNamespace(as_strided=_as_strided))
+lib = _Namespace("lib", stride_tricks=_Namespace("lib.stride_tricks", as_strided=_as_strided))
 
 
 # -- the ``cuda`` namespace ---------------------------------------------------------------
-cuda = SimpleNamespace(
+cuda = _Namespace(
+    "cuda",
     runtime=_rt, Device=Device, Stream=Stream, Event=Event,
     get_current_stream=get_current_stream, alloc_pinned_memory=alloc_pinned_memory)
 
 
 ndarray.__array_module__ = sys.modules[__name__]  # type: ignore[attr-defined]
+sys.modules[__name__].__class__ = _RecordedModule

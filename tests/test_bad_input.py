@@ -328,6 +328,19 @@ def test_gpu_without_a_gpu(tmp_path):
     assert_one_error(proc, "--device gpu", "CuPy found no GPU")
 
 
+def test_gpu_driver_too_old_says_what_cuda_said(tmp_path):
+    # what CuPy 14 raises on a machine whose driver is older than its CUDA runtime
+    fake = ("class CUDARuntimeError(RuntimeError):\n    pass\n"
+            "class cuda:\n    class runtime:\n        @staticmethod\n"
+            "        def getDeviceCount():\n            raise CUDARuntimeError(\n"
+            "                'cudaErrorInsufficientDriver: CUDA driver version is "
+            "insufficient for CUDA runtime version')\n")
+    path = shim(tmp_path, {"cupy/__init__.py": fake})
+    proc = train(tmp_path, "--device", "gpu", PYTHONPATH=path)
+    assert_one_error(proc, "--device gpu", "CuPy found no GPU",
+                     "(CUDARuntimeError: cudaErrorInsufficientDriver: CUDA driver version")
+
+
 @pytest.mark.mpi
 def test_mpi4py_missing_under_mpiexec(tmp_path):
     path = shim(tmp_path, {"mpi4py.py": "raise ImportError(\"No module named 'mpi4py'\")\n"})

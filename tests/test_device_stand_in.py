@@ -10,11 +10,15 @@ run of the same code: on the stand-in they must be bit-identical.
 from __future__ import annotations
 
 import ctypes
+import importlib
+import importlib.util
+import inspect
 import json
 import math
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -541,3 +545,110 @@ def test_gpu_check_logic_on_the_stand_in(sxp, tmp_path, capsys):
     assert code == 0, out
     assert "2 steps on gpu and cpu: max relative difference 0.0e+00 (limit 1e-09) PASS" in out
     assert re.search(r"batch 8 per rank, 1 rank\(s\): gpu \d+ samples/s, cpu \d+ samples/s", out)
+
+
+# -- the stand-in against the real CuPy ------------------------------------------------------------
+#: what dist/nccl.py takes from ``cupy.cuda.nccl`` (the stand-in has no NCCL)
+NCCL_NAMES = ("get_unique_id", "NcclCommunicator", "NcclCommunicator.allReduce",
+              "NcclCommunicator.bcast", "NCCL_FLOAT32", "NCCL_FLOAT64", "NCCL_INT64",
+              "NCCL_SUM")
+
+
+def _resolve(root, path):
+    """``root.a.b.c`` for ``a.b.c``, or None where any step is missing."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _keywords_refused(fn, keywords):
+    """The keywords ``fn`` would refuse, where its signature can be read (else none)."""
+    if type(fn).__name__ == "ufunc":            # CuPy's elementwise functions
+        return [k for k in keywords if k not in ("out", "dtype", "casting")]
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):             # compiled: Cython's embedded signature
+        m = re.match(r"[\w.]+\((.*)\)", (getattr(fn, "__doc__", None) or "").split("\n")[0])
+        if m is None:
+            return []
+        names = [a.split("=")[0].strip(" *") for a in m.group(1).split(",")]
+        return [k for k in keywords if k not in names]
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return []
+    return [k for k in keywords if k not in params]
+
+
+def test_every_cupy_name_dptrain_uses_exists_in_the_real_cupy(sxp, tmp_path, capsys):
+    """Runs layers, losses, optimizers, device sync, training, checkpoint, resume and eval
+    on the stand-in, recording every CuPy name they touch, and looks each up in the real
+    CuPy (with the keyword arguments passed, where CuPy's signature says). Needs CuPy
+    installed (no GPU: the lookups never touch a device)."""
+    real = _real_cupy()
+    sx.used.clear()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4, 9, 7, 2)), rng.integers(0, 5, size=4)
+    for loss_name, softmax in (("cross_entropy", False), ("cross_entropy_probs", True),
+                               ("mse", False)):
+        _pass(sx, KITCHEN_SINK + ([{"type": "softmax"}] if softmax else []), loss_name, x, y,
+              accumulate_twice=True)
+    for name, kw in (("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+                     ("adamw", {"weight_decay": 0.1})):
+        params, g = sx.asarray(rng.normal(size=20)), sx.asarray(rng.normal(size=20))
+        opt = make_optimizer(name, params, g, sx, decay_mask=np.ones(20), **kw)
+        clip_grad_norm(g, 0.5, sx)
+        opt.step(0.1)
+    for direct in (False, True):
+        grads = sx.asarray(rng.normal(size=30))
+        sync = GradSync(DeviceComm(PartnerComm(), GPU, direct), grads, bucket_bytes=80)
+        sync.start()
+        sync.on_ready(30)
+        sync.finish()
+    kw = {"max_steps": 4, "checkpoint_every": "2", "optimizer": "adam", "layers": [
+        {"type": "conv2d", "filters": 2, "kernel": 3}, {"type": "batchnorm"},
+        {"type": "relu"}, {"type": "maxpool2d", "pool": 2}, {"type": "flatten"},
+        {"type": "dropout", "rate": 0.25}, {"type": "dense", "units": 10}]}
+    for resume in ("", str(tmp_path / "gpu" / "checkpoints" / "ckpt-000000002.h5")):
+        t = _trainer(tmp_path, "gpu", "gpu", **kw, **({"resume": resume} if resume else {}))
+        assert t.train() == 0
+        t.close()
+    assert cli.main(["eval", "--run-dir", str(tmp_path / "gpu"), "--device", "gpu"]) == 0
+    capsys.readouterr()
+
+    used = sorted(sx.used)
+    # the record is real: the names the GPU path is built on were all seen
+    for name in ("matmul", "asnumpy", "cuda.Stream", "cuda.Stream.synchronize",
+                 "cuda.Event.record", "cuda.alloc_pinned_memory", "ndarray.get",
+                 "ndarray.set"):
+        assert name in used, name
+    assert len(used) > 60, used
+    missing = [n for n in used if "(" not in n and _resolve(real, n) is None]
+    refused = [f"{n}: {bad}" for n in used if "(" in n
+               for fn in [_resolve(real, n.split("(")[0])] if fn is not None
+               for bad in [_keywords_refused(fn, n[n.index("(") + 1:-1].split(","))] if bad]
+    assert not missing and not refused, (missing, refused)
+    nccl = _real_nccl()
+    if nccl is not None and getattr(nccl, "available", False):  # libnccl found
+        assert [n for n in NCCL_NAMES if _resolve(nccl, n) is None] == []
+
+
+def _real_cupy():
+    """The installed CuPy (the test is skipped without one)."""
+    spec = importlib.util.find_spec("cupy")
+    if spec is None:
+        pytest.skip("CuPy is not installed: pip install 'dptrain[cuda12]' to check the "
+                    "stand-in against it")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module("cupy")
+
+
+def _real_nccl():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return importlib.import_module("cupy.cuda.nccl")
+        except ImportError:
+            return None
