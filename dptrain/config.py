@@ -79,9 +79,10 @@ class Config:
                    ("auto", "mpi", "local", "nccl"))
     bucket_mb: float = _f(4.0, "gradient bucket size in MiB")
     overlap: bool = _f(True, "start each bucket's allreduce during backward")
-    shared_memory_sync: bool = _f(True, "when every rank is on one node (CPU), sum gradients "
-                                        "in one MPI shared-memory window instead of MPI "
-                                        "allreduce messages (off: buckets and overlap apply)")
+    shared_memory_sync: bool = _f(True, "when every rank is on one node (CPU), keep gradients, "
+                                        "parameters and optimizer state in memory the ranks "
+                                        "share: each rank sums and updates its own slice (off: "
+                                        "one replica per rank, MPI allreduce buckets)")
     threads: int = _f(0, "BLAS threads per rank (0 = cores on the node / ranks on the node, "
                          "unless OMP_NUM_THREADS etc. are set)")
     device: str = _f("cpu", "cpu, gpu (CuPy) or auto", ("cpu", "gpu", "auto"))

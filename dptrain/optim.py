@@ -83,6 +83,19 @@ class Optimizer:
             t *= self.decay_mask
         return t
 
+    def use_state_buffers(self, buffers: dict[str, Any]) -> None:
+        """Keep the state in ``buffers`` (one per name in ``state``, same size and type,
+        e.g. slices of memory shared by a node) from now on; the current values move along."""
+        if set(buffers) != set(self.state):
+            raise ValueError(f"state buffers {sorted(buffers)} do not match {sorted(self.state)}")
+        for name, buf in buffers.items():
+            old = self.state[name]
+            if buf.shape != old.shape or buf.dtype != old.dtype:
+                raise ValueError(f"state buffer {name!r} {buf.shape} {buf.dtype} does not match "
+                                 f"{old.shape} {old.dtype}")
+            buf[...] = old
+            self.state[name] = buf
+
     def step(self, lr: float) -> None:
         self.step_count += 1
         self._update(lr)

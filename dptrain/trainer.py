@@ -25,7 +25,8 @@ from .config import Config, parse_checkpoint_every
 from .data import DataSplits, GlobalSampler, load_dataset, shard, validate_for_model
 from .dist.comm import Communicator, LocalComm
 from .dist.device import device_comm
-from .dist.sync import GradSync, SharedGrads
+from .dist.shared import SharedGrads, slice_bounds
+from .dist.sync import GradSync
 from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, agreed
 from .nn import Context, NonFiniteError, Sequential, get_loss, layer_from_spec, preset_layers
 from .optim import clip_grad_norm, make_optimizer, make_schedule
@@ -151,18 +152,35 @@ class Trainer:
         self.total_steps = total
         self.schedule = make_schedule(cfg.lr_schedule, cfg.lr, total, cfg.warmup_steps,
                                       cfg.lr_step_size, cfg.lr_gamma, cfg.min_lr)
-        # one node, CPU: the gradients live in memory the ranks share (before the optimizer
-        # and the sync take hold of the buffer)
-        shared = SharedGrads.create(self.comm, self.model.grads) \
+        # one node, CPU: gradients, parameters and optimizer state live in memory the ranks
+        # share, and each rank updates its own slice (before the optimizer and the sync
+        # take hold of the buffers)
+        shared = SharedGrads.create(self.comm, self.model.grads, own_slice_only=True) \
             if cfg.shared_memory_sync else None
+        self.node = None if shared is None else shared.memory
+        own = slice(None) if shared is None else slice(*shared.own)
         if shared is not None:
             self.model.use_grad_buffer(shared.mine)
+            params = shared.memory.single(self.model.num_params, self.model.dtype, "parameters")
+            if shared.rank == 0:
+                params[...] = self.model.params
+            self.model.use_param_buffer(params, copy=False)
+        mask = self.model.decay_mask(not cfg.decay_bias_norm)
         self.optimizer = make_optimizer(
-            cfg.optimizer, self.model.params, self.model.grads, self.xp,
+            cfg.optimizer, self.model.params[own], self.model.grads[own], self.xp,
             momentum=cfg.momentum, nesterov=cfg.nesterov, beta1=cfg.beta1, beta2=cfg.beta2,
             eps=cfg.eps, weight_decay=cfg.weight_decay,
-            decay_mask=self.model.decay_mask(not cfg.decay_bias_norm))
+            decay_mask=None if mask is None else mask[own])
         self.optimizer.name = cfg.optimizer
+        #: the whole optimizer state (the optimizer itself may hold only this rank's slice)
+        self.opt_state = self.optimizer.state
+        if self.node is not None:
+            self.opt_state = {name: self.node.single(self.model.num_params, self.model.dtype,
+                                                     f"optimizer state {name}")
+                              for name in self.optimizer.state}
+            self.node.fence()  # the zeroed state is seen before any rank writes its slice
+            self.optimizer.use_state_buffers({k: v[own] for k, v in self.opt_state.items()})
+            self.node.fence()  # ... and the parameters before any rank reads them
         self.sync = GradSync(self.comm, self.model.grads, int(cfg.bucket_mb * (1 << 20)),
                              cfg.overlap, shared)
         if self.timeline.enabled:  # per-layer and per-bucket spans
@@ -226,10 +244,14 @@ class Trainer:
         if msg:
             self.say(msg.decode())
         # everything from rank 0: parameters, model state, optimizer state, trainer state
-        self.comm.bcast(self.model.params)
+        # (a node's one shared copy of parameters and optimizer state needs only a fence)
+        if self.node is None:
+            self.comm.bcast(self.model.params)
+            for buf in self.opt_state.values():
+                self.comm.bcast(buf)
+        else:
+            self.node.fence()
         self.comm.bcast(self.model.state)
-        for buf in self.optimizer.state.values():
-            self.comm.bcast(buf)
         st = self.state
         nums = np.array([st.epoch, st.epoch_pos, st.global_step, st.samples_seen,
                          st.best_metric, st.skipped_steps, self.optimizer.step_count],
@@ -261,7 +283,7 @@ class Trainer:
         xp = self.xp
         self.model.params[...] = xp.asarray(ckpt.flatten(self.model, ck.params))
         self.model.state[...] = xp.asarray(ckpt.flatten(self.model, ck.state, "state"))
-        for name, buf in self.optimizer.state.items():
+        for name, buf in self.opt_state.items():
             if name not in ck.optimizer_state:
                 raise UserError(f"checkpoint {path} lacks optimizer state {name!r}")
             buf[...] = xp.asarray(ckpt.flatten(self.model, ck.optimizer_state[name]))
@@ -485,11 +507,13 @@ class Trainer:
         if skipped and self._state_backup is not None:
             self.model.state[...] = self._state_backup
         if not skipped:
-            if cfg.clip_norm:
-                n2 = self._grad_norm2  # known from the guard: no second read-back
-                clip_grad_norm(self.model.grads, cfg.clip_norm, xp,
-                               norm=math.sqrt(n2) if math.isfinite(n2) else None)
+            if cfg.clip_norm:  # the norm is known from the guard: no second read-back
+                clip_grad_norm(self.optimizer.grads, cfg.clip_norm, xp,
+                               norm=math.sqrt(self._grad_norm2))
             self.optimizer.step(self.schedule(self.state.global_step))
+        if self.node is not None:
+            self.node.fence()  # every slice is updated before any rank reads the parameters
+        if not skipped:
             faults.inject("optimizer", self.rank, step + 1, self.model.params)
         t5 = time.perf_counter()
         times["optimizer"] += t5 - t4
@@ -505,13 +529,14 @@ class Trainer:
         stats.steps += 1
 
     def _guard_nonfinite(self, step: int) -> bool:
-        """After the allreduce every rank sees the same gradient: all agree on NaN/Inf."""
-        g = self.model.grads
+        """After the allreduce every rank sees the same gradient (or, on one node, its
+        slice of it, and the ranks sum the slices' norms): all agree on NaN/Inf."""
+        g = self.optimizer.grads
         with np.errstate(over="ignore", invalid="ignore"):
-            norm2 = float(self.xp.dot(g, g)) if g.size else 0.0  # the step's one read-back
+            norm2 = self._sum_of_squares(g)
         self._grad_norm2 = norm2
         # a huge but finite gradient can overflow the sum of squares: then look closer
-        if math.isfinite(norm2) or bool(self.xp.isfinite(g).all()):
+        if math.isfinite(norm2) or self._all_finite(g):
             self._consecutive_skips = 0
             return False
         if self.cfg.on_nonfinite == "stop":
@@ -527,6 +552,29 @@ class Trainer:
             raise StopTraining(1, f"{self._consecutive_skips} consecutive non-finite steps "
                                   f"(up to step {step + 1}); stopping")
         return True
+
+    def _sum_of_squares(self, g: Any) -> float:
+        """The gradient's squared norm, summed over the ranks' slices in rank order, so that
+        it has the same bytes whether each rank holds the whole gradient or (one node)
+        only its slice. One read-back from the device."""
+        xp = self.xp
+        if self.node is not None:  # this rank's slice; one exact sum of a zero-padded row
+            row = np.zeros(self.world)
+            row[self.rank] = float(xp.dot(g, g)) if g.size else 0.0
+            parts = self.comm.allreduce_scalars(row)
+            return float(sum(float(v) for v in parts))
+        total = None
+        for s, e in slice_bounds(g.size, self.world):
+            part = xp.dot(g[s:e], g[s:e]).astype(np.float64) if e > s else xp.zeros((), np.float64)
+            total = part if total is None else total + part
+        return float(total) if total is not None else 0.0
+
+    def _all_finite(self, g: Any) -> bool:
+        """No NaN/Inf in ``g`` (in any rank's slice, on one node)."""
+        finite = bool(self.xp.isfinite(g).all())
+        if self.node is not None:
+            finite = bool(self.comm.allreduce_scalars([float(finite)], "min")[0])
+        return finite
 
     # -- reporting ------------------------------------------------------------------
     def _next_rows(self, idx: np.ndarray, j: int) -> np.ndarray | None:
@@ -612,7 +660,7 @@ class Trainer:
         to_host = self.backend.to_host
         return {"params": to_host(self.model.params).copy(),
                 "state": to_host(self.model.state).copy(),
-                "opt_state": {k: to_host(v).copy() for k, v in self.optimizer.state.items()}}
+                "opt_state": {k: to_host(v).copy() for k, v in self.opt_state.items()}}
 
     def save_checkpoint(self, final: bool = False, best: bool = False) -> Path | None:
         """Rank 0 writes atomically; every rank learns whether it worked."""

@@ -192,8 +192,9 @@ def test_training_without_gradient_sync_differs(runs):
 
 
 def test_drift_check_catches_unsynchronised_replicas(tmp_path):
+    # one replica per rank, as across nodes (on one node the ranks share one copy)
     args = [*BASE, *F64, *layers_arg(DROPOUT_NET), "--max-steps", "5",
-            "--run-dir", str(tmp_path / "run")]
+            "--run-dir", str(tmp_path / "run"), "--no-shared-memory-sync"]
     proc = run_python([str(SCRIPTS / "train_without_sync.py"), *args], n=2, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "replica drift at end of epoch 1 (step 5)" in proc.stderr
@@ -202,9 +203,10 @@ def test_drift_check_catches_unsynchronised_replicas(tmp_path):
 
 
 # -- replicas --------------------------------------------------------------------------
-def test_replicas_are_bit_identical_after_training(tmp_path):
-    proc = run_python([str(SCRIPTS / "replica_check.py"), str(tmp_path / "run")], n=3,
-                      timeout=120)
+@pytest.mark.parametrize("shared", [False, True])
+def test_replicas_are_bit_identical_after_training(tmp_path, shared):
+    proc = run_python([str(SCRIPTS / "replica_check.py"), str(tmp_path / "run"),
+                       *([] if shared else MPI_SYNC)], n=3, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["steps"] == 12
@@ -213,9 +215,26 @@ def test_replicas_are_bit_identical_after_training(tmp_path):
     for what in ("params", "state", "optimizer"):
         assert len({c[what] for c in crcs}) == 1, (what, crcs)
     assert report["params_changed"]
-    # Trainer.check_replicas notices a single flipped bit on one rank
-    assert report["drift_message"].endswith("parameters differ between ranks [0, 2]; "
-                                            "ranks [1]")
+    if shared:  # one copy for the node: rank 1's flipped bit is every rank's
+        assert report["drift_message"] == ""
+    else:       # Trainer.check_replicas notices a single flipped bit on one rank
+        assert report["drift_message"].endswith("parameters differ between ranks [0, 2]; "
+                                                "ranks [1]")
+
+
+@pytest.mark.parametrize("n,dtype", [(2, "float32"), (3, "float64")])
+def test_shared_memory_update_matches_per_rank_replicas(runs, n, dtype):
+    """Each rank updating its slice of one shared copy (the default on one node) gives the
+    bytes of every rank updating its own replica, with Adam, weight decay and clipping: the
+    gradient norm is summed over the same slices in the same order either way."""
+    args = [*BASE, "--dtype", dtype, *layers_arg(DROPOUT_NET), "--optimizer", "adamw",
+            "--weight-decay", "0.01", "--clip-norm", "0.05"]
+    shared, out = runs.train(n, args)
+    assert "shared memory" in out
+    if n == 2:  # two addends: MPI's sum has the same bytes as the rank-order sum
+        assert rel_diff(shared, runs.params(n, [*args, *MPI_SYNC])) == 0.0
+    else:       # MPI may add three in another order: rounding only
+        assert rel_diff(shared, runs.params(n, [*args, *MPI_SYNC])) <= 1e-12
 
 
 # -- the command line under mpiexec ------------------------------------------------------

@@ -114,11 +114,18 @@ class Sequential:
     def use_grad_buffer(self, buf: Any) -> None:
         """Keep the gradients in ``buf`` (e.g. memory shared with the other ranks of a
         node) from now on: same size and type as ``grads``; every layer is rebound to it."""
-        if buf.shape != self.grads.shape or buf.dtype != self.grads.dtype:
-            raise ValueError(f"gradient buffer {buf.shape} {buf.dtype} does not match the "
-                             f"model's {self.grads.shape} {self.grads.dtype}")
+        _check_like(buf, self.grads, "gradient")
         buf[...] = self.grads
         self.grads = buf
+        self._bind()
+
+    def use_param_buffer(self, buf: Any, copy: bool = True) -> None:
+        """Keep the parameters in ``buf`` from now on (with ``copy``, the current values
+        move along; without, ``buf`` already holds them, e.g. one copy shared by a node)."""
+        _check_like(buf, self.params, "parameter")
+        if copy:
+            buf[...] = self.params
+        self.params = buf
         self._bind()
 
     def initialize(self, seed: int) -> None:
@@ -260,3 +267,9 @@ class Sequential:
         lines.append(f"total parameters: {self.num_params:,} ({self.dtype.name}); "
                      f"forward FLOPs/sample: {self.flops_per_sample():,}")
         return "\n".join(lines)
+
+
+def _check_like(buf: Any, current: Any, what: str) -> None:
+    if buf.shape != current.shape or buf.dtype != current.dtype:
+        raise ValueError(f"{what} buffer {buf.shape} {buf.dtype} does not match the model's "
+                         f"{current.shape} {current.dtype}")

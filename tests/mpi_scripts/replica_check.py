@@ -3,7 +3,9 @@
 Builds a Trainer from ``make_config`` and ``MPIComm``, trains a few steps, and gathers the
 crc32 of parameters, model state and optimizer state from every rank; rank 0 prints them
 as one JSON line. Then flips one bit of rank 1's parameters and reports what
-``Trainer.check_replicas`` says. Usage: mpiexec -n 3 python THIS RUN_DIR
+``Trainer.check_replicas`` says. With ``--no-shared-memory-sync`` every rank holds its own
+replica, as across nodes; without, the node's ranks share one copy.
+Usage: mpiexec -n 3 python THIS RUN_DIR [--no-shared-memory-sync]
 """
 
 from __future__ import annotations
@@ -27,26 +29,29 @@ def crc(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8))
 
 
-def main(run_dir: str) -> None:
+def main(run_dir: str, shared_memory: bool) -> None:
     comm = MPIComm()
     cfg = make_config({"layers": LAYERS, "dtype": "float32", "batch_size": 50,
                        "epochs": 1, "max_steps": 12, "optimizer": "adamw",
                        "weight_decay": 0.01, "run_dir": run_dir, "progress": "off",
-                       "checkpoint_every": "off", "drift_check_every": 1000, "seed": 7})
+                       "checkpoint_every": "off", "drift_check_every": 1000, "seed": 7,
+                       "shared_memory_sync": shared_memory})
     trainer = Trainer(cfg, comm)
     trainer.setup()
     trainer.open_run_dir()
     trainer.resume_or_broadcast()
     initial = trainer.model.params.copy()
     code = trainer.train()
-    opt = trainer.optimizer.state
+    opt = trainer.opt_state
     mine = {"params": crc(trainer.model.params), "state": crc(trainer.model.state),
             "optimizer": zlib.crc32(b"".join(
                 np.ascontiguousarray(opt[k]).tobytes() for k in sorted(opt)))}
     crcs = comm.comm.allgather(mine)
 
-    if comm.rank == 1:  # one flipped bit on one rank must be found
-        trainer.model.params.view(np.uint32)[0] ^= 1
+    if comm.rank == 1:  # one flipped bit on one rank must be found (or, in memory shared
+        trainer.model.params.view(np.uint32)[0] ^= 1  # by the node, be seen by every rank)
+    if trainer.node is not None:
+        trainer.node.fence()
     try:
         trainer.check_replicas("the test")
         drift = ""
@@ -60,4 +65,4 @@ def main(run_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--no-shared-memory-sync" not in sys.argv[2:])

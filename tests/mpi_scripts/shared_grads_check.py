@@ -14,7 +14,8 @@ import zlib
 import numpy as np
 
 from dptrain.dist.comm import MPIComm
-from dptrain.dist.sync import GradSync, SharedGrads
+from dptrain.dist.shared import SharedGrads
+from dptrain.dist.sync import GradSync
 from dptrain.timeline import Timeline
 
 

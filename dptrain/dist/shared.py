@@ -1,0 +1,145 @@
+"""Memory shared by the ranks of one node (MPI shared-memory windows), for CPU arrays.
+
+When every rank runs on one node, the trainer keeps its buffers here instead of one copy
+per rank:
+
+- ``SharedGrads``: each rank's gradient buffer in a slot of its own, side by side. Rank k
+  sums slice k of all slots, in rank order, so the bytes never depend on timing.
+- ``NodeMemory.single``: one copy of the parameters and of the optimizer state for the
+  whole node. Rank k's optimizer updates slice k, the slice whose sum it holds.
+
+So a node holds one copy of the parameters and optimizer state, not one per rank; the
+optimizer's work is split over the ranks; and the ranks of a node cannot drift apart,
+since they read the same parameters. ``NodeMemory.fence`` (window sync, barrier, window
+sync) separates the phases of a step: backward's writes, the sum, the update, the next
+forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from .comm import Communicator, MPIComm
+
+
+def slice_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """``n`` elements in ``parts`` contiguous slices, the first ones no longer than the
+    rest: slice k is rank k's share of a buffer."""
+    return [(k * n // parts, (k + 1) * n // parts) for k in range(parts)]
+
+
+class NodeMemory:
+    """MPI shared-memory windows over the ranks of this node, and the fence between uses."""
+
+    def __init__(self, comm: MPIComm) -> None:
+        self.MPI, self.local = comm.MPI, comm.local
+        self.rank, self.size = self.local.Get_rank(), self.local.Get_size()
+        self.windows: list[Any] = []
+
+    def _window(self, nbytes: int, itemsize: int, what: str) -> Any:
+        try:
+            win = self.MPI.Win.Allocate_shared(nbytes, itemsize, comm=self.local)
+        except self.MPI.Exception as e:
+            raise UserError(
+                f"could not allocate {nbytes / 2**20:.1f} MiB of memory shared by the ranks of "
+                f"this node for the {what} ({e.Get_error_string()}); is /dev/shm too small? "
+                "Run with --no-shared-memory-sync") from None
+        win.Lock_all()  # a passive-target epoch, so that Sync() orders memory
+        self.windows.append(win)
+        return win
+
+    def slots(self, n: int, dtype: Any, what: str = "gradients") -> list[np.ndarray]:
+        """One array of ``n`` per rank, each starting on a cache line (contents undefined)."""
+        dtype = np.dtype(dtype)
+        padded = -(-n * dtype.itemsize // 64) * 64
+        win = self._window(padded, dtype.itemsize, f"{self.size} x {what}")
+        return [np.ndarray(buffer=win.Shared_query(k)[0], dtype=dtype, shape=(n,))
+                for k in range(self.size)]
+
+    def single(self, n: int, dtype: Any, what: str) -> np.ndarray:
+        """One array of ``n`` for the whole node, zero once the next ``fence()`` is over."""
+        dtype = np.dtype(dtype)
+        win = self._window(n * dtype.itemsize if self.rank == 0 else 0, dtype.itemsize, what)
+        a = np.ndarray(buffer=win.Shared_query(0)[0], dtype=dtype, shape=(n,))
+        if self.rank == 0:
+            a.fill(0)
+        return a
+
+    def fence(self) -> None:
+        """Every rank's writes so far are seen by every rank after this (collective)."""
+        for w in self.windows:
+            w.Sync()
+        self.local.Barrier()
+        for w in self.windows:
+            w.Sync()
+
+    def close(self) -> None:
+        """Free the windows (collective: every rank of the node calls it)."""
+        for w in self.windows:
+            w.Unlock_all()
+            w.Free()
+        self.windows = []
+
+
+class SharedGrads:
+    """The flat gradient buffers of all ranks of one node, side by side in shared memory.
+
+    Rank r's model writes its gradients into ``mine`` (slot r). ``allreduce()`` sums slice
+    k (``chunks[k]``) over the slots in rank order on rank k. Then either rank k writes
+    that sum into slice k of every slot, so that every rank ends with the same bytes
+    (pushing the sum while it is hot in the summing core's cache costs half of having each
+    rank pull the others' slices after a third fence: 0.21 against 0.50 ms for the 2.1 MB
+    of the mlp preset on 2 ranks), or, with ``own_slice_only``, only slice k of rank k's
+    slot holds the sum, for an update of rank k's slice of a ``NodeMemory.single`` copy.
+    """
+
+    def __init__(self, memory: NodeMemory, n: int, dtype: Any,
+                 own_slice_only: bool = False) -> None:
+        self.memory = memory
+        self.rank, self.size = memory.rank, memory.size
+        self.slots = memory.slots(n, dtype)
+        self.mine = self.slots[self.rank]
+        self.mine.fill(0)
+        self.chunks = slice_bounds(n, self.size)
+        self.own = self.chunks[self.rank]
+        self.own_slice_only = own_slice_only
+        s, e = self.own
+        self._acc = np.empty(e - s, dtype) if self.size > 2 else None
+
+    @classmethod
+    def create(cls, comm: Communicator, grads: Any,
+               own_slice_only: bool = False) -> SharedGrads | None:
+        """Slots for ``grads``'s size and type, or None where they cannot help: one rank,
+        ranks on several nodes, a communicator that is not MPI, or non-NumPy arrays."""
+        if (not isinstance(comm, MPIComm) or comm.size < 2 or comm.local_size != comm.size
+                or not isinstance(grads, np.ndarray) or grads.size == 0):
+            return None
+        return cls(NodeMemory(comm), grads.size, grads.dtype, own_slice_only)
+
+    def allreduce(self) -> None:
+        """Sum the slots. Afterwards ``mine`` holds the sum on every rank; with
+        ``own_slice_only``, ``mine[slice(*own)]`` does, and the other ranks may still be
+        reading this rank's slot until the caller's next ``memory.fence()``."""
+        slots, mine = self.slots, self.mine
+        s, e = self.own
+        self.memory.fence()  # every rank's gradients are written
+        if self._acc is None:  # two ranks: the sum may land on one of its own operands
+            total = np.add(slots[0][s:e], slots[1][s:e], out=mine[s:e])
+        else:
+            total = np.add(slots[0][s:e], slots[1][s:e], out=self._acc)
+            for k in range(2, self.size):
+                total += slots[k][s:e]
+            mine[s:e] = total
+        if self.own_slice_only:
+            return
+        for k, slot in enumerate(slots):  # slice k of any slot is written by rank k alone
+            if k != self.rank:
+                slot[s:e] = total
+        self.memory.fence()  # every slice is pushed; nobody reads another slot until the next
+
+    def close(self) -> None:
+        """Free the shared memory (collective: every rank of the node calls it)."""
+        self.memory.close()
