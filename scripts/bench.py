@@ -469,6 +469,13 @@ def markdown(records: list[dict[str, Any]]) -> str:
         lines += ["", "Every run (samples/s, the fastest is in the table): " + "; ".join(
             f"{r['model']} {r['world_size']}x{r['threads_per_rank']}: "
             + ", ".join(f"{v:,.0f}" for v in r["samples_per_sec_all_runs"]) for r in records)]
+        paired = per_round_ratios(by)
+        if paired:
+            lines += ["", "2x1 / 1x1 within each round (a round runs every layout once, back "
+                      "to back, so a slow spell of the machine tends to hit both runs of a "
+                      "ratio): " + "; ".join(
+                          f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
+                          + f" (median {float(np.median(rs)):.2f}x)" for m, rs in paired)]
     lines += ["", "PyTorch 2.13 (CPU) samples/s from issue 7: "
               + ", ".join(f"{m} {n}x{t} {v:,}" for (m, n, t), v in PYTORCH.items()), ""]
     lines += ["| target | measured (wall clock) | met | at the p10 step time | met |",
@@ -485,6 +492,19 @@ def markdown(records: list[dict[str, Any]]) -> str:
               f"batch {first.get('batch_per_rank')} per rank, {first.get('dtype')}; "
               f"fastest of {first.get('repeats', 1)} run(s) per layout."]
     return "\n".join(lines) + "\n"
+
+
+def per_round_ratios(by: dict[tuple[str, int, int], dict[str, Any]]
+                     ) -> list[tuple[str, list[float]]]:
+    """Each model's 2x1 / 1x1 throughput ratio within each ``--repeat`` round."""
+    out = []
+    for model in ("mlp", "cnn"):
+        one, two = by.get((model, 1, 1)), by.get((model, 2, 1))
+        if one and two:
+            a, b = two.get("samples_per_sec_all_runs", []), one.get("samples_per_sec_all_runs", [])
+            if len(a) == len(b) > 1:
+                out.append((model, [x / y for x, y in zip(a, b, strict=True)]))
+    return out
 
 
 def targets(by: dict[tuple[str, int, int], dict[str, Any]],

@@ -205,6 +205,7 @@ def test_shared_grads_sum_exactly_in_rank_order(ranks):
         # float64: the same additions in the same (rank) order as the reference sum
         limit = 0.0 if r["dtype"] == "float64" else 1e-6
         assert r["max_rel_error"] <= limit, r
+        assert r["own_slice_max_rel_error"] <= limit and r["own_slices_cover"], r
         assert r["calls"] == 1 and r["tids"] == [99]
         assert r["spans"] == ["allreduce (shared memory)"] * 3
 

@@ -39,16 +39,33 @@ def check(comm: MPIComm, n: int, dtype: str) -> None:
         exact = sum(r + 0.5 * idx + step + (r + 1) / 3 for r in range(comm.size))
         errors.append(float(np.max(np.abs(grads - exact) / np.maximum(np.abs(exact), 1))))
         crcs.append(zlib.crc32(grads.tobytes()))
+    shared.close()
+    # each rank's own slice only (for an update of a node's one shared copy)
+    own = SharedGrads.create(comm, template, own_slice_only=True)
+    assert own is not None
+    lo, hi = own.own
+    own_errors = []
+    for step in range(3):
+        own.mine[...] = comm.rank + 0.5 * idx + step + (comm.rank + 1) / 3
+        own.allreduce()
+        exact = sum(r + 0.5 * idx + step + (r + 1) / 3 for r in range(comm.size))
+        got = own.mine[lo:hi]
+        own_errors.append(float(np.max(np.abs(got - exact[lo:hi]) / np.maximum(
+            np.abs(exact[lo:hi]), 1), initial=0.0)))
+        own.memory.fence()  # the others are done reading this rank's slot
+    own.close()
+    slices = comm.allreduce_scalars([float(hi - lo)], "sum")[0]
     same = comm.allreduce_scalars([float(c) for c in crcs], "max")
     low = comm.allreduce_scalars([float(c) for c in crcs], "min")
     err = comm.allreduce_scalars([max(errors)], "max")[0]
+    own_err = comm.allreduce_scalars([max(own_errors)], "max")[0]
     spans = [e["name"] for e in tl.events]
     if comm.rank == 0:
         print(json.dumps({"n": n, "dtype": dtype, "size": comm.size, "max_rel_error": err,
                           "identical_on_all_ranks": bool(np.array_equal(same, low)),
                           "calls": sync.calls, "spans": spans,
+                          "own_slice_max_rel_error": own_err, "own_slices_cover": bool(slices == n),
                           "tids": sorted({e["tid"] for e in tl.events})}), flush=True)
-    shared.close()
 
 
 def main() -> None:
