@@ -25,7 +25,7 @@ from .config import Config, parse_checkpoint_every
 from .data import DataSplits, GlobalSampler, load_dataset, shard, validate_for_model
 from .dist.comm import Communicator, LocalComm
 from .dist.device import device_comm
-from .dist.shared import SharedGrads, slice_bounds
+from .dist.shared import SharedGrads, shm_shortfall, slice_bounds
 from .dist.sync import GradSync
 from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, agreed
 from .nn import Context, NonFiniteError, Sequential, get_loss, layer_from_spec, preset_layers
@@ -156,7 +156,7 @@ class Trainer:
         # share, and each rank updates its own slice (before the optimizer and the sync
         # take hold of the buffers)
         shared = SharedGrads.create(self.comm, self.model.grads, own_slice_only=True) \
-            if cfg.shared_memory_sync else None
+            if cfg.shared_memory_sync and self._shared_memory_fits() else None
         self.node = None if shared is None else shared.memory
         own = slice(None) if shared is None else slice(*shared.own)
         if shared is not None:
@@ -195,6 +195,19 @@ class Trainer:
         # with on_nonfinite=skip, a skipped step restores BatchNorm's running statistics
         self._state_backup = (self.xp.empty_like(self.model.state)
                               if cfg.on_nonfinite == "skip" and self.model.state.size else None)
+
+    def _shared_memory_fits(self) -> bool:
+        """Room in /dev/shm for the node's shared buffers (gradients of every rank, one
+        copy of the parameters, up to two optimizer states)? If not, say so and let MPI
+        sum the gradients: the same bytes, only slower."""
+        if not SharedGrads.applies(self.comm, self.model.grads):
+            return True
+        short = shm_shortfall(self.comm, self.model.grads.nbytes * (self.world + 3))
+        if short:
+            self.say(f"note: {short}: gradients are summed with MPI allreduces instead "
+                     "(enlarge /dev/shm, e.g. docker run --shm-size, or pass "
+                     "--no-shared-memory-sync to silence this)")
+        return not short
 
     def _check_local_batchnorm(self) -> None:
         """BatchNorm with sync=false normalises each rank's own samples: every rank that

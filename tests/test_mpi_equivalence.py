@@ -8,13 +8,14 @@ batch-norm statistics, disabled gradient sync) show that these comparisons can f
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import child_env, run_dptrain, run_python
+from conftest import ROOT, child_env, run_dptrain, run_python
 
 pytestmark = pytest.mark.mpi
 
@@ -220,6 +221,40 @@ def test_replicas_are_bit_identical_after_training(tmp_path, shared):
     else:       # Trainer.check_replicas notices a single flipped bit on one rank
         assert report["drift_message"].endswith("parameters differ between ranks [0, 2]; "
                                                 "ranks [1]")
+
+
+#: makes os.statvfs report 400 KiB free in /dev/shm (a full or container-sized /dev/shm)
+SMALL_SHM = """import os
+_statvfs = os.statvfs
+def _small(path, *a, **k):
+    st = _statvfs(path, *a, **k)
+    if str(path) != "/dev/shm":
+        return st
+    return os.statvfs_result((st.f_bsize, 4096, 1000, 100, 100, st.f_files, st.f_ffree,
+                              st.f_favail, st.f_flag, st.f_namemax))
+os.statvfs = _small
+"""
+
+
+def test_small_dev_shm_falls_back_to_mpi_with_a_note(runs, tmp_path):
+    """Windows larger than /dev/shm's free space are created anyway, and the ranks die of
+    SIGBUS when they first touch them: the trainer checks first, says so on one line and
+    lets MPI sum the gradients, to the same bytes."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SMALL_SHM)
+    args = [*BASE, "--dtype", "float32", *layers_arg(DROPOUT_NET)]
+    run_dir = tmp_path / "run"
+    proc = run_dptrain([*args, "--run-dir", str(run_dir)], n=2,
+                       env=child_env(PYTHONPATH=f"{shim}{os.pathsep}{ROOT}"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    notes = [ln for ln in proc.stdout.splitlines() if ln.startswith("note: /dev/shm")]
+    assert notes == ["note: /dev/shm has 0 MiB free, and memory shared by the ranks of this "
+                     "node needs 0 MiB: gradients are summed with MPI allreduces instead "
+                     "(enlarge /dev/shm, e.g. docker run --shm-size, or pass "
+                     "--no-shared-memory-sync to silence this)"], proc.stdout
+    assert "shared memory" not in proc.stdout
+    assert rel_diff(read_params(run_dir), runs.params(2, [*args, *MPI_SYNC])) == 0.0
 
 
 @pytest.mark.parametrize("n,dtype", [(2, "float32"), (3, "float64")])

@@ -17,12 +17,33 @@ forward.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
 from .comm import Communicator, MPIComm
+
+
+#: where MPICH and Open MPI keep the files behind shared-memory windows
+SHM_DIR = "/dev/shm"
+
+
+def shm_shortfall(comm: Communicator, nbytes: int) -> str:
+    """Why ``nbytes`` of shared memory may not fit in this node's ``/dev/shm`` (agreed by
+    every rank), or "" when it fits. A window larger than the free space is created anyway
+    and its ranks die of SIGBUS on first touch (a container's default /dev/shm is 64 MiB)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+        free = st.f_bavail * st.f_frsize
+    except OSError:  # no /dev/shm here: nothing to check
+        free = float("inf")
+    free = float(comm.allreduce_scalars([min(free, 2.0**62)], "min")[0])
+    if free >= nbytes * 1.1 + comm.size * (4 << 20):  # MPICH's own: ~1 MiB per rank
+        return ""
+    return (f"{SHM_DIR} has {free / 2**20:,.0f} MiB free, and memory shared by the ranks of "
+            f"this node needs {nbytes / 2**20:,.0f} MiB")
 
 
 def slice_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -109,14 +130,20 @@ class SharedGrads:
         s, e = self.own
         self._acc = np.empty(e - s, dtype) if self.size > 2 else None
 
+    @staticmethod
+    def applies(comm: Communicator, grads: Any) -> bool:
+        """False where shared memory cannot help: one rank, ranks on several nodes, a
+        communicator that is not MPI, or non-NumPy arrays."""
+        return (isinstance(comm, MPIComm) and comm.size > 1 and comm.local_size == comm.size
+                and isinstance(grads, np.ndarray) and grads.size > 0)
+
     @classmethod
     def create(cls, comm: Communicator, grads: Any,
                own_slice_only: bool = False) -> SharedGrads | None:
-        """Slots for ``grads``'s size and type, or None where they cannot help: one rank,
-        ranks on several nodes, a communicator that is not MPI, or non-NumPy arrays."""
-        if (not isinstance(comm, MPIComm) or comm.size < 2 or comm.local_size != comm.size
-                or not isinstance(grads, np.ndarray) or grads.size == 0):
+        """Slots for ``grads``'s size and type, or None where they do not apply."""
+        if not cls.applies(comm, grads):
             return None
+        assert isinstance(comm, MPIComm)
         return cls(NodeMemory(comm), grads.size, grads.dtype, own_slice_only)
 
     def allreduce(self) -> None:
