@@ -60,3 +60,39 @@ def tiny_args(tmp_path: Path) -> list[str]:
     """A small, fast training run on the digits in a fresh run directory."""
     return ["--run-dir", str(tmp_path / "run"), "--model", "mlp", "--epochs", "2",
             "--batch-size", "50", "--progress", "off"]
+
+
+# -- debris of killed jobs ---------------------------------------------------------------
+SHM = Path("/dev/shm")
+
+
+def _mpich_segments() -> set[str]:
+    try:
+        return {p.name for p in SHM.glob("mpich_shm_*")}
+    except OSError:
+        return set()
+
+
+def _mapped_shm() -> set[str]:
+    """Names of the /dev/shm files that some live process has mapped."""
+    names = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process is gone, or not ours to read
+            continue
+        names.update(line.rsplit("/dev/shm/", 1)[1].split()[0]
+                     for line in text.splitlines() if "/dev/shm/" in line)
+    return names
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_segments_of_killed_jobs():
+    """Tests that SIGKILL a whole mpiexec job leave MPICH's own shared-memory segment
+    (about 1 MiB per rank) in /dev/shm, as any MPICH job killed that way does; at the end,
+    remove those that appeared during the session and that no live process maps."""
+    before = _mpich_segments()
+    yield
+    left = _mpich_segments() - before
+    for name in left - _mapped_shm() if left else ():
+        (SHM / name).unlink(missing_ok=True)
