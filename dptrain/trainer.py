@@ -164,7 +164,7 @@ class Trainer:
             params = shared.memory.single(self.model.num_params, self.model.dtype, "parameters")
             if shared.rank == 0:
                 params[...] = self.model.params
-            self.model.use_param_buffer(params, copy=False)
+            self.model.use_param_buffer(params)
         mask = self.model.decay_mask(not cfg.decay_bias_norm)
         self.optimizer = make_optimizer(
             cfg.optimizer, self.model.params[own], self.model.grads[own], self.xp,
@@ -576,11 +576,12 @@ class Trainer:
             row[self.rank] = float(xp.dot(g, g)) if g.size else 0.0
             parts = self.comm.allreduce_scalars(row)
             return float(sum(float(v) for v in parts))
-        total = None
-        for s, e in slice_bounds(g.size, self.world):
-            part = xp.dot(g[s:e], g[s:e]).astype(np.float64) if e > s else xp.zeros((), np.float64)
-            total = part if total is None else total + part
-        return float(total) if total is not None else 0.0
+        parts = [xp.dot(g[s:e], g[s:e]).astype(np.float64)  # an empty slice adds 0 exactly
+                 for s, e in slice_bounds(g.size, self.world) if e > s]
+        total = parts[0] if parts else None
+        for part in parts[1:]:
+            total = total + part
+        return 0.0 if total is None else float(total)
 
     def _all_finite(self, g: Any) -> bool:
         """No NaN/Inf in ``g`` (in any rank's slice, on one node)."""

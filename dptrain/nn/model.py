@@ -119,12 +119,10 @@ class Sequential:
         self.grads = buf
         self._bind()
 
-    def use_param_buffer(self, buf: Any, copy: bool = True) -> None:
-        """Keep the parameters in ``buf`` from now on (with ``copy``, the current values
-        move along; without, ``buf`` already holds them, e.g. one copy shared by a node)."""
+    def use_param_buffer(self, buf: Any) -> None:
+        """Read and update the parameters in ``buf`` from now on; ``buf`` already holds
+        them (e.g. one copy shared by the ranks of a node, filled by one of them)."""
         _check_like(buf, self.params, "parameter")
-        if copy:
-            buf[...] = self.params
         self.params = buf
         self._bind()
 
