@@ -66,7 +66,7 @@ class _Recorded:
 
     def __getattribute__(self, name: str) -> Any:
         if name[0] != "_":
-            used.add(f"{type(self)._path}.{name}")
+            used.add(f"{object.__getattribute__(self, '_path')}.{name}")
         return object.__getattribute__(self, name)
 
 
@@ -75,12 +75,7 @@ class _Namespace(_Recorded, SimpleNamespace):
 
     def __init__(self, path: str, **names: Any) -> None:
         super().__init__(**names)
-        object.__setattr__(self, "_ns_path", path)
-
-    def __getattribute__(self, name: str) -> Any:
-        if name[0] != "_":
-            used.add(f"{object.__getattribute__(self, '_ns_path')}.{name}")
-        return object.__getattribute__(self, name)
+        object.__setattr__(self, "_path", path)
 
 
 def _keywords(path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
