@@ -57,8 +57,6 @@ BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OM
 FULL_BATCHES = 40  # full global batches per epoch of the synthetic training set
 
 
-
-
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -80,8 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-overlap", action="store_true",
                    help="one blocking allreduce after backward instead of bucketed overlap")
     p.add_argument("--mpi-sync", action="store_true",
-                   help="sum gradients with MPI allreduce calls even when every rank is on "
-                        "one node (the default there is a shared-memory window)")
+                   help="one replica per rank, gradients summed with MPI allreduce calls, "
+                        "even when every rank is on one node (the default there is memory "
+                        "the ranks share)")
     p.add_argument("--gemm-bound", action="store_true",
                    help="also time the model's GEMMs alone and report samples/s / bound")
     p.add_argument("--alloc-steps", type=int, default=5,
