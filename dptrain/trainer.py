@@ -162,8 +162,7 @@ class Trainer:
         if shared is not None:
             self.model.use_grad_buffer(shared.mine)
             params = shared.memory.single(self.model.num_params, self.model.dtype, "parameters")
-            if shared.rank == 0:
-                params[...] = self.model.params
+            params[own] = self.model.params[own]  # each rank writes (and so places) its slice
             self.model.use_param_buffer(params)
         mask = self.model.decay_mask(not cfg.decay_bias_norm)
         self.optimizer = make_optimizer(
@@ -178,9 +177,10 @@ class Trainer:
             self.opt_state = {name: self.node.single(self.model.num_params, self.model.dtype,
                                                      f"optimizer state {name}")
                               for name in self.optimizer.state}
-            self.node.fence()  # the zeroed state is seen before any rank writes its slice
+            # the (zero) state moves into this rank's slice; then every slice of parameters
+            # and state is written before any rank reads one
             self.optimizer.use_state_buffers({k: v[own] for k, v in self.opt_state.items()})
-            self.node.fence()  # ... and the parameters before any rank reads them
+            self.node.fence()
         self.sync = GradSync(self.comm, self.model.grads, int(cfg.bucket_mb * (1 << 20)),
                              cfg.overlap, shared)
         if self.timeline.enabled:  # per-layer and per-bucket spans

@@ -81,13 +81,12 @@ class NodeMemory:
                 for k in range(self.size)]
 
     def single(self, n: int, dtype: Any, what: str) -> np.ndarray:
-        """One array of ``n`` for the whole node, zero once the next ``fence()`` is over."""
+        """One array of ``n`` for the whole node (contents undefined). Memory pages go to
+        the NUMA node of the core that first writes them: let each rank fill the slice it
+        will update, then ``fence()``."""
         dtype = np.dtype(dtype)
         win = self._window(n * dtype.itemsize if self.rank == 0 else 0, dtype.itemsize, what)
-        a = np.ndarray(buffer=win.Shared_query(0)[0], dtype=dtype, shape=(n,))
-        if self.rank == 0:
-            a.fill(0)
-        return a
+        return np.ndarray(buffer=win.Shared_query(0)[0], dtype=dtype, shape=(n,))
 
     def fence(self) -> None:
         """Every rank's writes so far are seen by every rank after this (collective)."""
