@@ -468,20 +468,20 @@ def markdown(records: list[dict[str, Any]]) -> str:
         lines += ["", "Every run (samples/s, the fastest is in the table): " + "; ".join(
             f"{r['model']} {r['world_size']}x{r['threads_per_rank']}: "
             + ", ".join(f"{v:,.0f}" for v in r["samples_per_sec_all_runs"]) for r in records)]
-        paired = per_round_ratios(by)
-        if paired:
-            lines += ["", "2x1 / 1x1 within each round (a round runs every layout once, back "
-                      "to back, so a slow spell of the machine tends to hit both runs of a "
-                      "ratio): " + "; ".join(
-                          f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
-                          + f" (median {float(np.median(rs)):.2f}x)" for m, rs in paired)]
+    paired = per_round_ratios(by)
+    medians = {m: float(np.median(rs)) for m, rs in paired}
+    if paired:
+        lines += ["", "2x1 / 1x1 within each round (a round runs every layout once, back "
+                  "to back, so a slow spell of the machine tends to hit both runs of a "
+                  "ratio): " + "; ".join(
+                      f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
+                      + f" (median {medians[m]:.2f}x)" for m, rs in paired)]
     lines += ["", "PyTorch 2.13 (CPU) samples/s from issue 7: "
               + ", ".join(f"{m} {n}x{t} {v:,}" for (m, n, t), v in PYTORCH.items()), ""]
     lines += ["| target | measured (wall clock) | met | at the p10 step time | met "
               "| median of the per-round ratios | met |", "|---|---|---|---|---|---|---|"]
     wall = targets(by, "samples_per_sec")
     fast = targets(by, "samples_per_sec_p10")
-    medians = {m: float(np.median(rs)) for m, rs in per_round_ratios(by)}
     for (t, measured, ok), (_, measured10, ok10) in zip(wall, fast, strict=True):
         model, need = t.split()[0], t.rsplit(">= ", 1)[-1].rstrip("x")
         rounds = "- | -"

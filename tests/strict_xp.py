@@ -693,9 +693,8 @@ def __getattr__(name: str) -> Any:
     if target is None or isinstance(target, (type, ModuleType)) or not callable(target):
         raise AttributeError(f"module 'strict_xp' has no attribute {name!r}")
 
+    @_keywords(name)
     def fn(*args: Any, **kw: Any) -> Any:
-        if kw:
-            used.add(f"{name}({','.join(sorted(kw))})")
         out = kw.get("out")
         return _call(target, *args, writes=out if isinstance(out, ndarray) else None, **kw)
     fn.__name__ = name
