@@ -52,7 +52,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def one_rank(tmp_path_factory) -> tuple[dict, Path]:
     trace = tmp_path_factory.mktemp("bench") / "one.json"
     rec = bench_record(["--model", "mlp", "--batch-per-rank", "32", "--gemm-bound",
-                        "--timeline", str(trace), *TINY])
+                        "--gemm-rounds", "1", "--timeline", str(trace), *TINY])
     return rec, trace
 
 
@@ -95,6 +95,13 @@ def test_bench_one_rank_reports_every_key(one_rank):
     assert 0 < rec["gemm_ms"] < rec["gemm_ms_3x_forward"]
     assert rec["gemm_bound_ratio"] == pytest.approx(
         rec["samples_per_sec"] / rec["gemm_bound_samples_per_sec"], rel=0.01)
+    # paired in time: medians of alternating blocks of steps and GEMM sets
+    assert 0 < rec["paired_gemm_ms"] < rec["paired_gemm_ms_3x_forward"]
+    assert rec["paired_step_ms"] > 0
+    assert rec["paired_gemm_bound_ratio"] == pytest.approx(
+        rec["paired_gemm_ms"] / rec["paired_step_ms"], rel=0.01)
+    assert rec["paired_gemm_bound_3x_forward_ratio"] == pytest.approx(
+        rec["paired_gemm_ms_3x_forward"] / rec["paired_step_ms"], rel=0.01)
 
 
 @pytest.mark.parametrize("which", ["two_ranks", "two_ranks_shm"])
@@ -134,7 +141,7 @@ def load_trace(path: Path) -> list[dict]:
 def test_one_rank_trace_has_phases_and_every_layer(one_rank):
     _, path = one_rank
     events = load_trace(path)
-    steps = 1 + 3 + 3  # warm-up, timed, traced for allocations
+    steps = 1 + 3 + 10 + 3  # warm-up, timed, paired with the GEMMs, traced for allocations
     names = [e["name"] for e in events]
     for phase in ("data", "forward", "backward", "sync_wait", "optimizer"):
         assert names.count(phase) == steps
@@ -214,13 +221,17 @@ def test_matrix_writes_table_and_plot(tmp_path):
     out, png, js = tmp_path / "bench.md", tmp_path / "bench.png", tmp_path / "bench.jsonl"
     proc = run_python([BENCH, "--matrix", "--models", "mlp", "--layouts", "1x1,2x1",
                        "--steps", "2", "--warmup", "1", "--batch-per-rank", "8",
-                       "--alloc-steps", "0", "--allreduce-reps", "2", "--out", str(out),
+                       "--alloc-steps", "0", "--allreduce-reps", "2", "--gemm-rounds", "1",
+                       "--out", str(out),
                        "--json-out", str(js), "--plot", str(png)], timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = out.read_text()
     assert table == proc.stdout.rstrip("\n") + "\n"
     assert "| mlp | 1 x 1 |" in table and "| mlp | 2 x 1 |" in table
     assert "mlp 2x1 / 1x1 >= 1.6x" in table and "PyTorch" in table
+    gemm_row = next(s for s in table.splitlines() if "of the GEMM-alone bound" in s)
+    paired = gemm_row.split("|")[6].strip()  # the "paired in time" column
+    assert paired.endswith("%") and int(paired[:-1]) > 0, gemm_row
     recs = [json.loads(s) for s in js.read_text().splitlines()]
     assert [(r["world_size"], r["threads_per_rank"]) for r in recs] == [(1, 1), (2, 1)]
     assert all(set(r) >= KEYS for r in recs)
