@@ -64,12 +64,19 @@ def positive(text: str) -> int:
     return value
 
 
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="python scripts/bench.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="model preset")
     p.add_argument("--steps", type=positive, default=100, help="timed steps")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps before them")
+    p.add_argument("--warmup", type=count, default=10, help="untimed steps before them")
     p.add_argument("--batch-per-rank", type=positive, default=64, help="samples per rank")
     p.add_argument("--threads", type=int, default=0,
                    help="BLAS threads per rank (0: cores on the node / ranks on the node)")
@@ -86,7 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gemm-rounds", type=positive, default=8,
                    help="with --gemm-bound: blocks of 10 steps and 10 GEMM sets, "
                         "alternating, for the bound paired in time")
-    p.add_argument("--alloc-steps", type=int, default=5,
+    p.add_argument("--paired-scaling", type=count, default=None, metavar="ROUNDS",
+                   help="under mpiexec: also compare every rank training together with "
+                        "rank 0 alone, in ROUNDS alternating blocks of 10 steps (0: skip; "
+                        "default: 0, and 10 in the matrix's runs of several ranks)")
+    p.add_argument("--alloc-steps", type=count, default=5,
                    help="steps traced with tracemalloc after the timed ones (0: skip)")
     p.add_argument("--allreduce-reps", type=positive, default=30,
                    help="repetitions of the standalone allreduce")
@@ -278,16 +289,12 @@ def traced_allocations(trainer: Trainer, batches: Iterator[tuple[int, np.ndarray
     return (peak - base) / 1024, (current - base) / 1024
 
 
-def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Benchmark one layout on this rank; rank 0 returns the record."""
-    comm = make_communicator("auto")
-    limit_threads(args.threads, comm.local_size)
-    blas, threads = blas_info()
-    world = comm.size
-    global_batch = args.batch_per_rank * world
-    n_train = global_batch * FULL_BATCHES
+def bench_trainer(args: argparse.Namespace, comm: Communicator, run_dir: str,
+                  timeline: str) -> Trainer:
+    """A trainer of the benchmark's model on synthetic data of FULL_BATCHES global
+    batches (not yet set up)."""
+    n_train = args.batch_per_rank * comm.size * FULL_BATCHES
     samples = -(-n_train * 5 // 4) + 2  # 20% of them become the test split
-    run_dir = tempfile.mkdtemp(prefix="bench-") if comm.rank == 0 else "unused"
     cfg = make_config({
         "model": args.model, "dataset": "synthetic", "synthetic_shape": [28, 28, 1],
         "synthetic_classes": 10, "synthetic_samples": samples, "dtype": args.dtype,
@@ -295,8 +302,85 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
         "bucket_mb": args.bucket_mb, "overlap": not args.no_overlap, "seed": args.seed,
         "shared_memory_sync": not args.mpi_sync,
         "progress": "off", "checkpoint_every": "off", "run_dir": run_dir,
-        "timeline": args.timeline})
-    trainer = Trainer(cfg, comm)
+        "timeline": timeline})
+    return Trainer(cfg, comm)
+
+
+def wait_idle(comm: Communicator) -> None:
+    """A barrier that sleeps while it waits (MPI's own barrier spins, taking a core that
+    a one-rank run would leave to the rest of the machine)."""
+    if comm.size == 1:
+        return
+    req = comm.comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.0005)
+
+
+def paired_scaling(args: argparse.Namespace, trainer: Trainer, rounds: int,
+                   per: int = 10) -> dict[str, float]:
+    """Throughput of all ranks against rank 0 alone, in ``rounds`` alternating blocks of
+    ``per`` steps: first every rank trains together, then rank 0 trains a one-rank copy
+    of the run (its own trainer, a world of one) while the others sleep. Each block pair
+    runs within a second or so, so a slow spell of a shared machine hits both sides. The
+    first step of each block (caches and cores cold from the other block) is not counted:
+    a training run does not switch."""
+    comm, world = trainer.comm, trainer.comm.size
+    solo = None
+    solo_dir = tempfile.mkdtemp(prefix="bench-solo-") if comm.rank == 0 else ""
+    try:
+        if comm.rank == 0:
+            solo = bench_trainer(args, make_communicator("local"), solo_dir, "")
+            solo.setup()
+            solo.resume_or_broadcast()
+        together = full_batches(trainer, args.batch_per_rank * world)
+        alone = full_batches(solo, args.batch_per_rank) if solo else None
+        t_world, t_solo = [], []
+        stats = EpochStats()
+        for r in range(rounds + 1):  # round 0 warms both up and is not counted
+            comm.barrier()
+            for i in range(per):
+                epoch, idx = next(together)
+                t0 = time.perf_counter()
+                trainer._step(idx, epoch, stats)
+                t_world.append((r and i, time.perf_counter() - t0))
+            wait_idle(comm)
+            if solo is not None and alone is not None:
+                for i in range(per):
+                    epoch, idx = next(alone)
+                    t0 = time.perf_counter()
+                    solo._step(idx, epoch, stats)
+                    t_solo.append((r and i, time.perf_counter() - t0))
+            wait_idle(comm)
+    finally:
+        if solo is not None:
+            solo.close()
+        if solo_dir:
+            shutil.rmtree(solo_dir, ignore_errors=True)
+    step = comm.allreduce_scalars(np.array([t for r, t in t_world if r]), "max")
+    alone_s = np.array([t for r, t in t_solo if r]) if comm.rank == 0 else np.zeros(0)
+    if comm.rank != 0:
+        return {}
+    return {"paired_scaling": round(world * float(alone_s.mean() / step.mean()), 3),
+            "paired_scaling_median_step": round(
+                world * float(np.median(alone_s) / np.median(step)), 3),
+            "paired_scaling_step_ms": round(1e3 * float(step.mean()), 3),
+            "paired_scaling_solo_step_ms": round(1e3 * float(alone_s.mean()), 3),
+            "paired_scaling_rounds": rounds}
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Benchmark one layout on this rank; rank 0 returns the record."""
+    comm = make_communicator("auto")
+    limit_threads(args.threads, comm.local_size)
+    blas, threads = blas_info()
+    world = comm.size
+    if args.paired_scaling and world == 1:
+        raise UserError("--paired-scaling compares several ranks with one: start it with "
+                        "mpiexec -n 2 (or more)")
+    global_batch = args.batch_per_rank * world
+    run_dir = tempfile.mkdtemp(prefix="bench-") if comm.rank == 0 else "unused"
+    trainer = bench_trainer(args, comm, run_dir, args.timeline)
+    scaling = None
     try:
         trainer.setup()
         trainer.resume_or_broadcast()
@@ -326,6 +410,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
         n_params = trainer.model.num_params
         allreduce_s = time_allreduce(comm, trainer.xp, n_params, args.dtype,
                                      args.allreduce_reps)
+        if args.paired_scaling:
+            scaling = paired_scaling(args, trainer, args.paired_scaling)
         gemm = paired = None
         if args.gemm_bound:
             gemms = GemmSet(gemm_shapes(trainer.model, args.batch_per_rank), args.dtype)
@@ -389,6 +475,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
                     "gemm_bound_ratio": round(samples_per_sec / bound, 3),
                     "gemm_bound_3x_forward_samples_per_sec":
                         round(world * args.batch_per_rank / all_three, 1)})
+    if scaling:
+        rec.update(scaling)
     if paired is not None:
         step, as_run, all_three = paired
         rec.update({"paired_step_ms": round(1e3 * step, 3),
@@ -446,7 +534,8 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
             if args.mpi_sync:
                 cmd.append("--mpi-sync")
             if ranks > 1:
-                cmd = [mpiexec(), "-n", str(ranks), *cmd]
+                rounds = 10 if args.paired_scaling is None else args.paired_scaling
+                cmd = [mpiexec(), "-n", str(ranks), *cmd, "--paired-scaling", str(rounds)]
             env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                        OPENBLAS_NUM_THREADS=str(threads))
             runs[(model, ranks, threads)].append(
@@ -456,6 +545,9 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
         best = max(runs[case], key=lambda r: r["samples_per_sec"])
         best["repeats"] = args.repeat
         best["samples_per_sec_all_runs"] = [r["samples_per_sec"] for r in runs[case]]
+        scaling = [r["paired_scaling"] for r in runs[case] if "paired_scaling" in r]
+        if scaling:
+            best["paired_scaling_all_runs"] = scaling
         records.append(best)
     return records
 
@@ -519,6 +611,14 @@ def markdown(records: list[dict[str, Any]]) -> str:
                   "ratio): " + "; ".join(
                       f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
                       + f" (median {medians[m]:.2f}x)" for m, rs in paired)]
+    in_job = {m: r["paired_scaling_all_runs"] for (m, n, t), r in by.items()
+              if (n, t) == (2, 1) and r.get("paired_scaling_all_runs")}
+    if in_job:
+        lines += ["", "2x1 / 1x1 within each 2x1 run (its ranks train together and rank 0 "
+                  "trains alone, in alternating blocks of 10 steps): " + "; ".join(
+                      f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
+                      + f" (median {float(np.median(rs)):.2f}x)" for m, rs in in_job.items())]
+        medians.update({m: float(np.median(rs)) for m, rs in in_job.items()})
     lines += ["", "PyTorch 2.13 (CPU) samples/s from issue 7: "
               + ", ".join(f"{m} {n}x{t} {v:,}" for (m, n, t), v in PYTORCH.items()), ""]
     lines += ["| target | measured (wall clock) | met | at the p10 step time | met "
@@ -529,16 +629,17 @@ def markdown(records: list[dict[str, Any]]) -> str:
         model, need = t.split()[0], t.rsplit(">= ", 1)[-1].rstrip("x")
         rounds = "- | -"
         if "2x1 / 1x1" in t and model in medians:
-            rounds = f"{medians[model]:.2f}x | {'yes' if medians[model] >= float(need) else 'no'}"
+            rounds = f"{medians[model]:.3f}x | {'yes' if medians[model] >= float(need) else 'no'}"
         gemm = by.get(("mlp", 1, 1), {}).get("paired_gemm_bound_3x_forward_ratio")
         if "GEMM-alone" in t and gemm:
             rounds = f"{gemm:.0%} | {'yes' if gemm >= 0.8 else 'no'}"
         lines.append(f"| {t} | {measured} | {'yes' if ok else 'no'} | {measured10} | "
                      f"{'yes' if ok10 else 'no'} | {rounds} |")
-    lines += ["", "Paired in time: a 2x1 / 1x1 ratio is the median of the per-round "
-              "ratios; the GEMM bound is the median GEMM set over the median step, from "
-              "alternating blocks of 10 steps and 10 GEMM sets in the same process "
-              "(--gemm-rounds)."]
+    lines += ["", "Paired in time: a 2x1 / 1x1 ratio is the median over the 2x1 runs of "
+              "the ratio within each run (--paired-scaling; throughput from the mean step "
+              "times of its blocks), or without those, the median of the per-round ratios; "
+              "the GEMM bound is the median GEMM set over the median step, from alternating "
+              "blocks of 10 steps and 10 GEMM sets in the same process (--gemm-rounds)."]
     first = records[0] if records else {}
     lines += ["", f"BLAS: {first.get('blas', '?')}; environment: "
               f"{first.get('blas_env') or 'no OpenBLAS/OMP variables set'}; "

@@ -200,6 +200,19 @@ def test_shared_memory_sum_is_one_row_per_step(two_ranks_shm):
 
 
 @pytest.mark.mpi
+def test_paired_scaling_compares_two_ranks_with_rank_0_alone():
+    rec = bench_record(["--model", "mlp", "--batch-per-rank", "16", "--paired-scaling", "1",
+                        *TINY], n=2)
+    assert rec["paired_scaling_rounds"] == 1
+    assert rec["paired_scaling_step_ms"] > 0 and rec["paired_scaling_solo_step_ms"] > 0
+    # the global throughput of 2 ranks over that of one: 2 x (one's step) / (two's step)
+    assert rec["paired_scaling"] == pytest.approx(
+        2 * rec["paired_scaling_solo_step_ms"] / rec["paired_scaling_step_ms"], rel=0.01)
+    assert rec["paired_scaling_median_step"] > 0
+    assert set(rec) >= KEYS
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_shared_grads_sum_exactly_in_rank_order(ranks):
     proc = run_python([str(ROOT / "tests" / "mpi_scripts" / "shared_grads_check.py")],
@@ -222,7 +235,7 @@ def test_matrix_writes_table_and_plot(tmp_path):
     proc = run_python([BENCH, "--matrix", "--models", "mlp", "--layouts", "1x1,2x1",
                        "--steps", "2", "--warmup", "1", "--batch-per-rank", "8",
                        "--alloc-steps", "0", "--allreduce-reps", "2", "--gemm-rounds", "1",
-                       "--out", str(out),
+                       "--paired-scaling", "1", "--out", str(out),
                        "--json-out", str(js), "--plot", str(png)], timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = out.read_text()
@@ -232,6 +245,9 @@ def test_matrix_writes_table_and_plot(tmp_path):
     gemm_row = next(s for s in table.splitlines() if "of the GEMM-alone bound" in s)
     paired = gemm_row.split("|")[6].strip()  # the "paired in time" column
     assert paired.endswith("%") and int(paired[:-1]) > 0, gemm_row
+    assert "within each 2x1 run" in table
+    scaling_row = next(s for s in table.splitlines() if s.startswith("| mlp 2x1 / 1x1"))
+    assert scaling_row.split("|")[6].strip().endswith("x"), scaling_row
     recs = [json.loads(s) for s in js.read_text().splitlines()]
     assert [(r["world_size"], r["threads_per_rank"]) for r in recs] == [(1, 1), (2, 1)]
     assert all(set(r) >= KEYS for r in recs)
@@ -243,6 +259,8 @@ def test_matrix_writes_table_and_plot(tmp_path):
     (["--model", "resnet"], "invalid choice"),
     (["--plot", "x.png"], "--plot needs --matrix"),
     (["--matrix", "--layouts", "2by1"], "RANKSxTHREADS"),
+    (["--paired-scaling", "2"], "mpiexec -n 2"),
+    (["--paired-scaling", "-1"], "must be 0 or more"),
 ])
 def test_bench_mistakes_are_one_line_errors(args, match):
     proc = run_python([BENCH, *args], timeout=60)
