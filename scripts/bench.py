@@ -406,6 +406,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
         wall = time.perf_counter() - t_start
         comm.barrier()
         rss_growth = rss_mb() - rss_start
+        peak_rss = peak_rss_mb()  # training's own, before the comparisons add arrays
         loss_ends = [float(recorder.first), float(recorder.last)]
         n_params = trainer.model.num_params
         allreduce_s = time_allreduce(comm, trainer.xp, n_params, args.dtype,
@@ -437,7 +438,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
     comm_only = comm.allreduce_scalars(wait_s, "min")
     phases = comm.allreduce_scalars([stats.times[p] / args.steps for p in PHASES], "max")
     losses = comm.allreduce_scalars(loss_ends, "sum")
-    mem = comm.allreduce_scalars([peak_rss_mb(), rss_growth, alloc[0], alloc[1]], "max")
+    mem = comm.allreduce_scalars([peak_rss, rss_growth, alloc[0], alloc[1]], "max")
     if comm.rank != 0:
         return None
     samples_per_sec = world * args.batch_per_rank * args.steps / wall
