@@ -238,15 +238,12 @@ def paired_gemm_steps(trainer: Trainer, batches: Iterator[tuple[int, np.ndarray]
     """Median seconds of (a step, its GEMMs as run, all three GEMMs per layer) from
     ``rounds`` alternating blocks of ``per`` steps and ``per`` GEMM sets: each median
     pairs runs close in time, so a slow spell of a shared machine hits both sides."""
-    comm, stats = trainer.comm, EpochStats()
-    steps, sets = [], []
+    comm = trainer.comm
+    steps: list[float] = []
+    sets = []
     for _ in range(rounds):
         comm.barrier()
-        for _ in range(per):
-            epoch, idx = next(batches)
-            t0 = time.perf_counter()
-            trainer._step(idx, epoch, stats)
-            steps.append(time.perf_counter() - t0)
+        steps += timed_steps(trainer, batches, per)
         comm.barrier()
         sets += [gemms.time() for _ in range(per)]
     step = comm.allreduce_scalars(np.array(steps), "max")
@@ -306,6 +303,18 @@ def bench_trainer(args: argparse.Namespace, comm: Communicator, run_dir: str,
     return Trainer(cfg, comm)
 
 
+def timed_steps(trainer: Trainer, batches: Iterator[tuple[int, np.ndarray]],
+                n: int) -> list[float]:
+    """Seconds of each of ``n`` training steps."""
+    stats, out = EpochStats(), []
+    for _ in range(n):
+        epoch, idx = next(batches)
+        t0 = time.perf_counter()
+        trainer._step(idx, epoch, stats)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def wait_idle(comm: Communicator) -> None:
     """A barrier that sleeps while it waits (MPI's own barrier spins, taking a core that
     a one-rank run would leave to the rest of the machine)."""
@@ -334,37 +343,31 @@ def paired_scaling(args: argparse.Namespace, trainer: Trainer, rounds: int,
             solo.resume_or_broadcast()
         together = full_batches(trainer, args.batch_per_rank * world)
         alone = full_batches(solo, args.batch_per_rank) if solo else None
-        t_world, t_solo = [], []
-        stats = EpochStats()
+        t_world: list[float] = []
+        t_solo: list[float] = []
         for r in range(rounds + 1):  # round 0 warms both up and is not counted
             comm.barrier()
-            for i in range(per):
-                epoch, idx = next(together)
-                t0 = time.perf_counter()
-                trainer._step(idx, epoch, stats)
-                t_world.append((r and i, time.perf_counter() - t0))
+            together_s = timed_steps(trainer, together, per)
             wait_idle(comm)
-            if solo is not None and alone is not None:
-                for i in range(per):
-                    epoch, idx = next(alone)
-                    t0 = time.perf_counter()
-                    solo._step(idx, epoch, stats)
-                    t_solo.append((r and i, time.perf_counter() - t0))
+            alone_s = timed_steps(solo, alone, per) if solo and alone else []
             wait_idle(comm)
+            if r:
+                t_world += together_s[1:]
+                t_solo += alone_s[1:]
     finally:
         if solo is not None:
             solo.close()
         if solo_dir:
             shutil.rmtree(solo_dir, ignore_errors=True)
-    step = comm.allreduce_scalars(np.array([t for r, t in t_world if r]), "max")
-    alone_s = np.array([t for r, t in t_solo if r]) if comm.rank == 0 else np.zeros(0)
+    step = comm.allreduce_scalars(np.array(t_world), "max")
     if comm.rank != 0:
         return {}
-    return {"paired_scaling": round(world * float(alone_s.mean() / step.mean()), 3),
+    one = np.array(t_solo)
+    return {"paired_scaling": round(world * float(one.mean() / step.mean()), 3),
             "paired_scaling_median_step": round(
-                world * float(np.median(alone_s) / np.median(step)), 3),
+                world * float(np.median(one) / np.median(step)), 3),
             "paired_scaling_step_ms": round(1e3 * float(step.mean()), 3),
-            "paired_scaling_solo_step_ms": round(1e3 * float(alone_s.mean()), 3),
+            "paired_scaling_solo_step_ms": round(1e3 * float(one.mean()), 3),
             "paired_scaling_rounds": rounds}
 
 
