@@ -116,8 +116,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "other work, where the fastest run is the least disturbed)")
     m.add_argument("--timeout", type=positive, default=900, help="seconds per matrix run")
     args = p.parse_args(argv)
-    if args.warmup < 0 or args.alloc_steps < 0:
-        p.error("--warmup and --alloc-steps must be >= 0")
     if args.bucket_mb <= 0:
         p.error("--bucket-mb must be positive")
     if args.plot and not args.matrix:
