@@ -397,3 +397,25 @@ def test_conv_in_chunks_of_images_matches_one_chunk(opts, monkeypatch):
         results.append(got)
     for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("relu_first", [False, True], ids=["max", "relu-max"])
+@pytest.mark.parametrize("opts", [dict(pool=2), dict(pool=3, stride=2, padding="same")],
+                         ids=["tiles", "overlapping-padded"])
+def test_max_pool_in_chunks_of_images_matches_one_chunk(opts, relu_first, monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 6, 7, 3)).astype(np.float32)
+    x[0, :2, :2] = 0.5  # ties: the gradient goes to the first maximum
+    x[1, :3, :3] = -1.0  # a window at or below zero passes nothing after a ReLU
+    results = []
+    for chunk_bytes in (1 << 40, 1):  # the whole batch at once; one image per chunk
+        monkeypatch.setattr(MaxPool2D, "CHUNK_BYTES", chunk_bytes)
+        pool = bind(MaxPool2D(**opts), (6, 7, 3), np.float32)
+        pool.relu_first = relu_first
+        y = pool.forward(x, Context())
+        dy = np.cos(np.arange(y.size, dtype=np.float32)).reshape(y.shape)
+        results.append((y.copy(), pool.backward(dy, Context()).copy()))
+    (y1, dx1), (y2, dx2) = results
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(dx1, dx2)
+    assert dx1.shape == x.shape and np.count_nonzero(dx1) > 0

