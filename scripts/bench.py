@@ -241,7 +241,7 @@ def paired_gemm_steps(trainer: Trainer, batches: Iterator[tuple[int, np.ndarray]
     sets = []
     for _ in range(rounds):
         comm.barrier()
-        steps += timed_steps(trainer, batches, per)
+        steps += timed_steps(trainer, batches, per)[0]
         comm.barrier()
         sets += [gemms.time() for _ in range(per)]
     step = comm.allreduce_scalars(np.array(steps), "max")
@@ -302,15 +302,17 @@ def bench_trainer(args: argparse.Namespace, comm: Communicator, run_dir: str,
 
 
 def timed_steps(trainer: Trainer, batches: Iterator[tuple[int, np.ndarray]],
-                n: int) -> list[float]:
-    """Seconds of each of ``n`` training steps."""
-    stats, out = EpochStats(), []
+                n: int) -> tuple[list[float], list[float]]:
+    """Seconds of each of ``n`` training steps, and of each step's wait for the gradient
+    sum."""
+    stats, steps, waits = EpochStats(), [], []
     for _ in range(n):
         epoch, idx = next(batches)
         t0 = time.perf_counter()
         trainer._step(idx, epoch, stats)
-        out.append(time.perf_counter() - t0)
-    return out
+        steps.append(time.perf_counter() - t0)
+        waits.append(trainer.sync.wait_seconds)
+    return steps, waits
 
 
 def wait_idle(comm: Communicator) -> None:
@@ -330,7 +332,13 @@ def paired_scaling(args: argparse.Namespace, trainer: Trainer, rounds: int,
     of the run (its own trainer, a world of one) while the others sleep. Each block pair
     runs within a second or so, so a slow spell of a shared machine hits both sides. The
     first step of each block (caches and cores cold from the other block) is not counted:
-    a training run does not switch."""
+    a training run does not switch.
+
+    It also splits what the ranks lose: ``paired_scaling_balanced`` is the scaling if the
+    ranks did equal work each step (each rank's step less its wait for the sum, averaged
+    over ranks, plus the last arrival's wait, the sum itself). Below it, the loss is
+    waiting for whichever rank is slower that step; above it, up to world x, the ranks
+    slowing each other down (shared cache and memory) and the sum."""
     comm, world = trainer.comm, trainer.comm.size
     solo = None
     solo_dir = tempfile.mkdtemp(prefix="bench-solo-") if comm.rank == 0 else ""
@@ -342,29 +350,36 @@ def paired_scaling(args: argparse.Namespace, trainer: Trainer, rounds: int,
         together = full_batches(trainer, args.batch_per_rank * world)
         alone = full_batches(solo, args.batch_per_rank) if solo else None
         t_world: list[float] = []
+        t_wait: list[float] = []
         t_solo: list[float] = []
         for r in range(rounds + 1):  # round 0 warms both up and is not counted
             comm.barrier()
-            together_s = timed_steps(trainer, together, per)
+            together_s, waits = timed_steps(trainer, together, per)
             wait_idle(comm)
-            alone_s = timed_steps(solo, alone, per) if solo and alone else []
+            alone_s = timed_steps(solo, alone, per)[0] if solo and alone else []
             wait_idle(comm)
             if r:
                 t_world += together_s[1:]
+                t_wait += waits[1:]
                 t_solo += alone_s[1:]
     finally:
         if solo is not None:
             solo.close()
         if solo_dir:
             shutil.rmtree(solo_dir, ignore_errors=True)
-    step = comm.allreduce_scalars(np.array(t_world), "max")
+    mine, wait = np.array(t_world), np.array(t_wait)
+    step = comm.allreduce_scalars(mine, "max")
+    comm_only = comm.allreduce_scalars(wait, "min")  # the last to arrive: the sum alone
+    balanced = comm.allreduce_scalars(mine - wait, "sum") / world + comm_only
     if comm.rank != 0:
         return {}
     one = np.array(t_solo)
     return {"paired_scaling": round(world * float(one.mean() / step.mean()), 3),
             "paired_scaling_median_step": round(
                 world * float(np.median(one) / np.median(step)), 3),
+            "paired_scaling_balanced": round(world * float(one.mean() / balanced.mean()), 3),
             "paired_scaling_step_ms": round(1e3 * float(step.mean()), 3),
+            "paired_scaling_balanced_step_ms": round(1e3 * float(balanced.mean()), 3),
             "paired_scaling_solo_step_ms": round(1e3 * float(one.mean()), 3),
             "paired_scaling_rounds": rounds}
 
@@ -547,9 +562,10 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
         best = max(runs[case], key=lambda r: r["samples_per_sec"])
         best["repeats"] = args.repeat
         best["samples_per_sec_all_runs"] = [r["samples_per_sec"] for r in runs[case]]
-        scaling = [r["paired_scaling"] for r in runs[case] if "paired_scaling" in r]
-        if scaling:
-            best["paired_scaling_all_runs"] = scaling
+        for key in ("paired_scaling", "paired_scaling_balanced"):
+            values = [r[key] for r in runs[case] if key in r]
+            if values:
+                best[f"{key}_all_runs"] = values
         records.append(best)
     return records
 
@@ -621,6 +637,15 @@ def markdown(records: list[dict[str, Any]]) -> str:
                       f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
                       + f" (median {float(np.median(rs)):.2f}x)" for m, rs in in_job.items())]
         medians.update({m: float(np.median(rs)) for m, rs in in_job.items()})
+    balanced = {m: r["paired_scaling_balanced_all_runs"] for (m, n, t), r in by.items()
+                if (n, t) == (2, 1) and r.get("paired_scaling_balanced_all_runs")}
+    if balanced:
+        lines += ["", "The same if the ranks had done equal work each step (each rank's step "
+                  "less its wait for the gradient sum, averaged over the ranks; what is "
+                  "left below 2x is the ranks slowing each other down and the sum itself): "
+                  + "; ".join(f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
+                              + f" (median {float(np.median(rs)):.2f}x)"
+                              for m, rs in balanced.items())]
     lines += ["", "PyTorch 2.13 (CPU) samples/s from issue 7: "
               + ", ".join(f"{m} {n}x{t} {v:,}" for (m, n, t), v in PYTORCH.items()), ""]
     lines += ["| target | measured (wall clock) | met | at the p10 step time | met "

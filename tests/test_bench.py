@@ -209,6 +209,12 @@ def test_paired_scaling_compares_two_ranks_with_rank_0_alone():
     assert rec["paired_scaling"] == pytest.approx(
         2 * rec["paired_scaling_solo_step_ms"] / rec["paired_scaling_step_ms"], rel=0.01)
     assert rec["paired_scaling_median_step"] > 0
+    # as if every rank took the mean of their compute times each step: never slower than
+    # the real step, whose slowest rank sets the pace
+    assert 0 < rec["paired_scaling_balanced_step_ms"] <= rec["paired_scaling_step_ms"]
+    assert rec["paired_scaling_balanced"] == pytest.approx(
+        2 * rec["paired_scaling_solo_step_ms"] / rec["paired_scaling_balanced_step_ms"],
+        rel=0.01)
     assert set(rec) >= KEYS
 
 
@@ -245,12 +251,13 @@ def test_matrix_writes_table_and_plot(tmp_path):
     gemm_row = next(s for s in table.splitlines() if "of the GEMM-alone bound" in s)
     paired = gemm_row.split("|")[6].strip()  # the "paired in time" column
     assert paired.endswith("%") and int(paired[:-1]) > 0, gemm_row
-    assert "within each 2x1 run" in table
+    assert "within each 2x1 run" in table and "if the ranks had done equal work" in table
     scaling_row = next(s for s in table.splitlines() if s.startswith("| mlp 2x1 / 1x1"))
     assert scaling_row.split("|")[6].strip().endswith("x"), scaling_row
     recs = [json.loads(s) for s in js.read_text().splitlines()]
     assert [(r["world_size"], r["threads_per_rank"]) for r in recs] == [(1, 1), (2, 1)]
     assert all(set(r) >= KEYS for r in recs)
+    assert len(recs[1]["paired_scaling_balanced_all_runs"]) == 1
     w, h = png_size(png)
     assert w >= 600 and h >= 400
 
