@@ -337,8 +337,8 @@ def paired_scaling(args: argparse.Namespace, trainer: Trainer, rounds: int,
     It also splits what the ranks lose: ``paired_scaling_balanced`` is the scaling if the
     ranks did equal work each step (each rank's step less its wait for the sum, averaged
     over ranks, plus the last arrival's wait, the sum itself). Below it, the loss is
-    waiting for whichever rank is slower that step; above it, up to world x, the ranks
-    slowing each other down (shared cache and memory) and the sum."""
+    waiting for whichever rank is slower that step; above it, up to world x, the ranks'
+    own work taking longer together, and the sum."""
     comm, world = trainer.comm, trainer.comm.size
     solo = None
     solo_dir = tempfile.mkdtemp(prefix="bench-solo-") if comm.rank == 0 else ""

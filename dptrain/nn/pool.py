@@ -76,11 +76,11 @@ class MaxPool2D(_Pool):
         arg = self._buffer("arg", best.shape, idx_dtype, xp)
         chunks = self._image_chunks(xpad, xp)
         c = chunks[0][1] - chunks[0][0] if chunks else 0
-        better_c = self._buffer("better", (c, *best.shape[1:]), np.bool_, xp)
-        tmp_c = self._buffer("tmp", (c, *best.shape[1:]), idx_dtype, xp)
+        better = self._buffer("better", (c, *best.shape[1:]), np.bool_, xp)
+        tmp = self._buffer("tmp", (c, *best.shape[1:]), idx_dtype, xp)
         for s, e in chunks:
-            self._max_chunk(xp, xpad[s:e], best[s:e], arg[s:e], better_c[:e - s],
-                            tmp_c[:e - s], offsets, idx_dtype)
+            self._max_chunk(xp, xpad[s:e], best[s:e], arg[s:e], better[:e - s],
+                            tmp[:e - s], offsets, idx_dtype)
         self._arg = arg
         return best
 
@@ -113,22 +113,27 @@ class MaxPool2D(_Pool):
             return None
         xp = ctx.xp
         arg = self._arg
-        hit = self._buffer("hit", arg.shape, np.bool_, xp)
         offsets = self._offsets()
-        if self._tiles():  # every input position gets exactly one value: no zeroing
+        tiles = self._tiles()  # every input position gets exactly one value: no zeroing
+        if tiles:
             dx = self._out("dx", (dy.shape[0], *self.in_shape), dy.dtype, ctx)
-            for s, e in self._image_chunks(dx, xp):
-                for k, (_, _, sl) in enumerate(offsets):
-                    xp.multiply(dy[s:e], xp.equal(arg[s:e], k, out=hit[s:e]),
-                                out=dx[s:e][sl])
-            return dx
-        dxp = self._padded_zeros(dy.shape[0], dy.shape[3], dy.dtype, xp)
-        part = self._buffer("part", dy.shape, dy.dtype, xp)
-        for s, e in self._image_chunks(dxp, xp):
+        else:
+            dx = self._padded_zeros(dy.shape[0], dy.shape[3], dy.dtype, xp)
+        chunks = self._image_chunks(dx, xp)
+        c = chunks[0][1] - chunks[0][0] if chunks else 0
+        hit = self._buffer("hit", (c, *arg.shape[1:]), np.bool_, xp)
+        part = self._buffer("part", (c, *dy.shape[1:]), dy.dtype, xp)
+        for s, e in chunks:
+            target, n = dx[s:e], e - s
             for k, (_, _, sl) in enumerate(offsets):
-                dxp[s:e][sl] += xp.multiply(dy[s:e], xp.equal(arg[s:e], k, out=hit[s:e]),
-                                            out=part[s:e])
-        dx = self._unpad(dxp)
+                routed = xp.equal(arg[s:e], k, out=hit[:n])
+                if tiles:
+                    xp.multiply(dy[s:e], routed, out=target[sl])
+                else:
+                    target[sl] += xp.multiply(dy[s:e], routed, out=part[:n])
+        if tiles:
+            return dx
+        dx = self._unpad(dx)
         return dx if ctx.reuse else dx.copy()
 
 
