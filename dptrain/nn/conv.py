@@ -80,6 +80,14 @@ def axis_geometry(size: int, k: int, s: int, pad: str | int) -> tuple[int, int, 
 class Window(Layer):
     """Sliding-window geometry and padded-input scratch shared by conv and pooling."""
 
+    #: bytes a chunk of images may take (the subclasses say what they count)
+    CHUNK_BYTES = 2 << 20
+
+    def _chunk(self, n: int, per_image: int) -> int:
+        """Images per chunk of a batch of ``n``: as many as fit in ``CHUNK_BYTES`` at
+        ``per_image`` bytes each, and at least one."""
+        return max(1, min(n, self.CHUNK_BYTES // max(per_image, 1)))
+
     def _set_window(self, kernel: Any, stride: Any, padding: Any,
                     kernel_name: str = "kernel") -> None:
         self.kernel_hw = as_pair(kernel_name, kernel)
@@ -220,10 +228,6 @@ class Conv2D(Window):
     #: several times larger). The same on every backend, so that NumPy and CuPy runs do
     #: the same sums in the same order
     CHUNK_BYTES = 2 << 20
-
-    def _chunk(self, n: int, per_image: int) -> int:
-        """Images per chunk of the column matrix."""
-        return max(1, min(n, self.CHUNK_BYTES // max(per_image, 1)))
 
     def _column_chunks(self, src: Any, xp: Any) -> Any:
         """(rows of the column matrix, slice of its rows) chunk by chunk, rebuilt from the

@@ -64,8 +64,8 @@ class MaxPool2D(_Pool):
     def _image_chunks(self, xpad: Any, xp: Any) -> list[tuple[int, int]]:
         """(first, end) image of each chunk of the batch ``xpad``."""
         n = xpad.shape[0]
-        per = max(1, self.CHUNK_BYTES // max(1, xpad[:1].nbytes)) if xp is np else n
-        return [(s, min(s + per, n)) for s in range(0, n, max(per, 1))]
+        per = self._chunk(n, xpad[:1].nbytes) if xp is np else max(n, 1)
+        return [(s, min(s + per, n)) for s in range(0, n, per)]
 
     def forward(self, x: Any, ctx: Context) -> Any:
         xp = ctx.xp
