@@ -301,11 +301,13 @@ def bench_trainer(args: argparse.Namespace, comm: Communicator, run_dir: str,
     return Trainer(cfg, comm)
 
 
-def timed_steps(trainer: Trainer, batches: Iterator[tuple[int, np.ndarray]],
-                n: int) -> tuple[list[float], list[float]]:
+def timed_steps(trainer: Trainer, batches: Iterator[tuple[int, np.ndarray]], n: int,
+                stats: EpochStats | None = None) -> tuple[list[float], list[float]]:
     """Seconds of each of ``n`` training steps, and of each step's wait for the gradient
-    sum."""
-    stats, steps, waits = EpochStats(), [], []
+    sum (the phases' times add up in ``stats`` when given)."""
+    stats = EpochStats() if stats is None else stats
+    steps: list[float] = []
+    waits: list[float] = []
     for _ in range(n):
         epoch, idx = next(batches)
         t0 = time.perf_counter()
@@ -403,23 +405,14 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
         recorder = LossRecorder(trainer.loss)
         trainer.loss = recorder
         batches = full_batches(trainer, global_batch)
-        stats = EpochStats()
-        for _ in range(args.warmup):
-            epoch, idx = next(batches)
-            trainer._step(idx, epoch, stats)
+        timed_steps(trainer, batches, args.warmup)
         rss_start = rss_mb()
         stats = EpochStats()
-        step_s = np.zeros(args.steps)
-        wait_s = np.zeros(args.steps)
         comm.barrier()
         t_start = time.perf_counter()
-        for s in range(args.steps):
-            epoch, idx = next(batches)
-            t0 = time.perf_counter()
-            trainer._step(idx, epoch, stats)
-            step_s[s] = time.perf_counter() - t0
-            wait_s[s] = trainer.sync.wait_seconds
+        steps, waits = timed_steps(trainer, batches, args.steps, stats)
         wall = time.perf_counter() - t_start
+        step_s, wait_s = np.array(steps), np.array(waits)
         comm.barrier()
         rss_growth = rss_mb() - rss_start
         peak_rss = peak_rss_mb()  # training's own, before the comparisons add arrays
@@ -626,26 +619,18 @@ def markdown(records: list[dict[str, Any]]) -> str:
     if paired:
         lines += ["", "2x1 / 1x1 within each round (a round runs every layout once, back "
                   "to back, so a slow spell of the machine tends to hit both runs of a "
-                  "ratio): " + "; ".join(
-                      f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
-                      + f" (median {medians[m]:.2f}x)" for m, rs in paired)]
-    in_job = {m: r["paired_scaling_all_runs"] for (m, n, t), r in by.items()
-              if (n, t) == (2, 1) and r.get("paired_scaling_all_runs")}
+                  "ratio): " + ratio_list(paired)]
+    in_job = two_rank_runs(by, "paired_scaling_all_runs")
     if in_job:
         lines += ["", "2x1 / 1x1 within each 2x1 run (its ranks train together and rank 0 "
-                  "trains alone, in alternating blocks of 10 steps): " + "; ".join(
-                      f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
-                      + f" (median {float(np.median(rs)):.2f}x)" for m, rs in in_job.items())]
-        medians.update({m: float(np.median(rs)) for m, rs in in_job.items()})
-    balanced = {m: r["paired_scaling_balanced_all_runs"] for (m, n, t), r in by.items()
-                if (n, t) == (2, 1) and r.get("paired_scaling_balanced_all_runs")}
+                  "trains alone, in alternating blocks of 10 steps): " + ratio_list(in_job)]
+        medians.update({m: float(np.median(rs)) for m, rs in in_job})
+    balanced = two_rank_runs(by, "paired_scaling_balanced_all_runs")
     if balanced:
         lines += ["", "The same if the ranks had done equal work each step (each rank's step "
                   "less its wait for the gradient sum, averaged over the ranks; what is "
                   "left below 2x is the ranks slowing each other down and the sum itself): "
-                  + "; ".join(f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
-                              + f" (median {float(np.median(rs)):.2f}x)"
-                              for m, rs in balanced.items())]
+                  + ratio_list(balanced)]
     lines += ["", "PyTorch 2.13 (CPU) samples/s from issue 7: "
               + ", ".join(f"{m} {n}x{t} {v:,}" for (m, n, t), v in PYTORCH.items()), ""]
     lines += ["| target | measured (wall clock) | met | at the p10 step time | met "
@@ -674,6 +659,18 @@ def markdown(records: list[dict[str, Any]]) -> str:
               f"batch {first.get('batch_per_rank')} per rank, {first.get('dtype')}; "
               f"fastest of {first.get('repeats', 1)} run(s) per layout."]
     return "\n".join(lines) + "\n"
+
+
+def two_rank_runs(by: dict[tuple[str, int, int], dict[str, Any]], key: str
+                  ) -> list[tuple[str, list[float]]]:
+    """Each model's per-run values of ``key`` in its 2x1 layout, where recorded."""
+    return [(m, r[key]) for (m, n, t), r in by.items() if (n, t) == (2, 1) and r.get(key)]
+
+
+def ratio_list(per_model: list[tuple[str, list[float]]]) -> str:
+    """"mlp: 1.80x, 1.75x (median 1.78x); cnn: ..." """
+    return "; ".join(f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
+                     + f" (median {float(np.median(rs)):.2f}x)" for m, rs in per_model)
 
 
 def per_round_ratios(by: dict[tuple[str, int, int], dict[str, Any]]
