@@ -46,6 +46,7 @@ import numpy as np
 
 from . import __version__
 from .errors import UserError
+from .hooks import Hooks
 
 FORMAT = "dptrain"
 FORMAT_VERSION = 1
@@ -60,12 +61,16 @@ RNG_SCHEME = ("no generator state is carried between steps: initial parameters c
               "default_rng([seed, e]).permutation(n) (stored as epoch_order); dropout keeps "
               "element p of sample g iff the top 53 bits of splitmix64 of (key(seed, e, "
               "layer), g * elements + p) reach rate * 2**53")
-PAUSE_ENV = "DPTRAIN_TEST_PAUSE_IN_WRITE"
 
 
 @dataclass
 class TrainerState:
-    """Where training stands; enough to continue exactly."""
+    """Where training stands; enough to continue exactly.
+
+    ``best_metric`` and ``skipped_steps`` belong to the evaluation and non-finite
+    extensions but are part of format version 1; ``extras`` holds every other
+    extension's numbers, each stored as one more ``/trainer`` attribute by its own name.
+    """
 
     epoch: int = 0
     epoch_pos: int = 0          # samples of this epoch already consumed (global)
@@ -73,11 +78,18 @@ class TrainerState:
     samples_seen: int = 0
     best_metric: float = float("nan")
     skipped_steps: int = 0
+    extras: dict[str, float] = field(default_factory=dict)
+
+    def counters(self) -> dict[str, Any]:
+        """The format's own attributes (everything but ``extras``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extras"}
 
 
 @dataclass
 class Checkpoint:
-    """What a checkpoint or saved model file holds, as host arrays."""
+    """What a checkpoint or saved model file holds, as host arrays: what ``read_file``
+    returns and what ``write_file`` writes. ``meta`` holds the root attributes; the writer
+    fills in the format's own (format, version, created, dtype, ...)."""
 
     kind: str
     meta: dict[str, Any]
@@ -132,13 +144,6 @@ def _write_array(group: Any, name: str, a: np.ndarray) -> None:
 def _split(model: Any, flat: np.ndarray, kind: str) -> dict[tuple[str, str], np.ndarray]:
     slots = model.param_slots if kind == "params" else model.state_slots
     return {(s.layer, s.name): flat[s.offset:s.end].reshape(s.shape) for s in slots}
-
-
-def _pause_for_tests() -> None:
-    """Test hook: DPTRAIN_TEST_PAUSE_IN_WRITE=seconds sleeps mid-write (kill tests)."""
-    delay = os.environ.get(PAUSE_ENV)
-    if delay:
-        time.sleep(float(delay))
 
 
 # -- the userblock header ----------------------------------------------------------------
@@ -198,35 +203,54 @@ def _check_version(version: int, path: Path) -> None:
 
 
 # -- writing ---------------------------------------------------------------------------
-def _build_image(model: Any, kind: str, params: np.ndarray, state: np.ndarray,
-                 meta: dict[str, Any], optimizer: Any, opt_state: dict[str, np.ndarray],
-                 trainer: TrainerState, seed: int, epoch_order: np.ndarray | None) -> bytes:
+def capture(kind: str, model: Any, params: np.ndarray, state: np.ndarray, *,
+            config: dict[str, Any], world_size: int = 1, optimizer: Any = None,
+            opt_state: dict[str, np.ndarray] | None = None,
+            trainer: TrainerState | None = None, seed: int = 0,
+            epoch_order: np.ndarray | None = None) -> Checkpoint:
+    """A Checkpoint of ``model``'s layout from flat host arrays (views, not copies).
+
+    ``epoch_order`` is the current epoch's sample order (the sampler's state, stored so
+    that a resume can confirm it draws the same one)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    return Checkpoint(
+        kind=kind, meta={"world_size": world_size}, architecture=model.spec(), config=config,
+        params=_split(model, params, "params"), state=_split(model, state, "state"),
+        optimizer_name=getattr(optimizer, "name", "") if optimizer is not None else "",
+        optimizer_step=int(getattr(optimizer, "step_count", 0)) if optimizer is not None else 0,
+        optimizer_state={k: _split(model, v, "params") for k, v in (opt_state or {}).items()},
+        trainer=trainer or TrainerState(), seed=seed, epoch_order=epoch_order)
+
+
+def _build_image(ck: Checkpoint, meta: dict[str, Any]) -> bytes:
     """The HDF5 file, built in memory (so HDF5 never meets a failing disk)."""
     h5py = _h5py()
     name = f"dptrain-image-{os.getpid()}-{time.monotonic_ns()}"
     with h5py.File(name, "w", driver="core", backing_store=False, block_size=1 << 24) as f:
         f.attrs.update(meta)
-        for gname, flat in (("params", params), ("state", state)):
+        for gname, arrays in (("params", ck.params), ("state", ck.state)):
             g = f.create_group(gname)
-            for (layer, pname), a in _split(model, flat, gname).items():
+            for (layer, pname), a in arrays.items():
                 _write_array(g.require_group(layer), pname, a)
-        if kind == "checkpoint":
+        if ck.kind == "checkpoint":
             og = f.create_group("optimizer")
-            og.attrs["name"] = getattr(optimizer, "name", type(optimizer).__name__.lower())
-            og.attrs["step_count"] = int(getattr(optimizer, "step_count", 0))
-            for sname, flat in opt_state.items():
+            og.attrs["name"] = ck.optimizer_name
+            og.attrs["step_count"] = int(ck.optimizer_step)
+            for sname, arrays in ck.optimizer_state.items():
                 sg = og.create_group(sname)
-                for (layer, pname), a in _split(model, flat, "params").items():
+                for (layer, pname), a in arrays.items():
                     _write_array(sg.require_group(layer), pname, a)
             tg = f.create_group("trainer")
-            for k, v in vars(trainer).items():
+            t = ck.trainer
+            for k, v in {**t.counters(), **t.extras}.items():
                 tg.attrs[k] = v
             rg = f.create_group("rng")
-            rg.attrs.update({"seed": seed, "epoch": trainer.epoch,
-                             "epoch_pos": trainer.epoch_pos, "bit_generator": "PCG64",
+            rg.attrs.update({"seed": ck.seed, "epoch": t.epoch,
+                             "epoch_pos": t.epoch_pos, "bit_generator": "PCG64",
                              "numpy_version": np.__version__, "scheme": RNG_SCHEME})
-            if epoch_order is not None:
-                _write_array(rg, "epoch_order", np.asarray(epoch_order, np.int64))
+            if ck.epoch_order is not None:
+                _write_array(rg, "epoch_order", np.asarray(ck.epoch_order, np.int64))
         f.flush()
         return f.id.get_file_image()
 
@@ -236,27 +260,29 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data):]
 
 
-def write_file(path: str | Path, *, kind: str, model: Any, params: np.ndarray,
-               state: np.ndarray, config: dict[str, Any], world_size: int = 1,
-               optimizer: Any = None, opt_state: dict[str, np.ndarray] | None = None,
-               trainer: TrainerState | None = None, seed: int = 0,
-               epoch_order: np.ndarray | None = None) -> Path:
-    """Atomically write a checkpoint (or, with kind='model', weights only) from host arrays.
+#: the points where tests attach to the writer: before anything is written (on the
+#: writing rank) and when half of the file is on disk
+WRITE_POINTS = ("before_write", "mid_write")
 
-    ``epoch_order`` is the current epoch's sample order (the sampler's state, stored so
-    that a resume can confirm it draws the same one). Any OS failure (disk full, no
-    permission) is a one-line UserError; nothing is left under ``path`` or a temp name.
+
+def write_file(path: str | Path, ck: Checkpoint, hooks: Hooks | None = None) -> Path:
+    """Atomically write ``ck`` (a checkpoint, or with kind 'model' weights only).
+
+    Any OS failure (disk full, no permission) is a one-line UserError; nothing is left
+    under ``path`` or a temp name.
     """
     path = Path(path)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+    if hooks:
+        hooks.fire("before_write", path=path, step=ck.trainer.global_step)
+    arch = ck.architecture
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": ck.kind,
             "dptrain_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "world_size": world_size, "dtype": model.dtype.name,
-            "num_params": model.num_params, "architecture": model.spec_json(),
-            "config": json.dumps(config, sort_keys=True)}
-    image = memoryview(_build_image(model, kind, params, state, meta, optimizer,
-                                    opt_state or {}, trainer or TrainerState(), seed,
-                                    epoch_order))
-    head = _header(kind, USERBLOCK + len(image), hashlib.sha256(image).hexdigest())
+            "world_size": int(ck.meta.get("world_size", 1)), "dtype": arch["dtype"],
+            "num_params": int(sum(a.size for a in ck.params.values())),
+            "architecture": json.dumps(arch, sort_keys=True),
+            "config": json.dumps(ck.config, sort_keys=True)}
+    image = memoryview(_build_image(ck, meta))
+    head = _header(ck.kind, USERBLOCK + len(image), hashlib.sha256(image).hexdigest())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -264,7 +290,8 @@ def write_file(path: str | Path, *, kind: str, model: Any, params: np.ndarray,
             _write_all(fd, memoryview(head))
             half = len(image) // 2
             _write_all(fd, image[:half])
-            _pause_for_tests()
+            if hooks:
+                hooks.fire("mid_write", path=path, step=ck.trainer.global_step)
             _write_all(fd, image[half:])
             os.fsync(fd)
         finally:
@@ -355,12 +382,15 @@ def _read_open(f: Any, path: Path) -> Checkpoint:
         ck.optimizer_name = str(og.attrs["name"])
         ck.optimizer_step = int(og.attrs["step_count"])
         ck.optimizer_state = {s: _read_group(og[s], path, n) for s in og}
-        values = {}
+        values: dict[str, Any] = {}
         for fld in fields(TrainerState):
+            if fld.name == "extras":
+                continue
             if fld.name not in tg.attrs:
                 raise UserError(f"checkpoint {path} lacks /trainer attribute {fld.name!r}")
             values[fld.name] = type(fld.default)(tg.attrs[fld.name])
-        ck.trainer = TrainerState(**values)
+        extras = {k: float(v) for k, v in tg.attrs.items() if k not in values}
+        ck.trainer = TrainerState(**values, extras=extras)
         ck.rng = {k: (v.item() if hasattr(v, "item") else v) for k, v in rg.attrs.items()}
         ck.seed = int(ck.rng["seed"])
         if "epoch_order" in rg:
@@ -444,6 +474,14 @@ def flatten(model: Any, arrays: dict[tuple[str, str], np.ndarray], kind: str = "
     for s in slots:
         flat[s.offset:s.end] = arrays[(s.layer, s.name)].ravel()
     return flat
+
+
+def load_into(model: Any, ck: Checkpoint, path: str | Path) -> None:
+    """Check that ``ck`` fits ``model`` (one line naming the first difference), then copy
+    its parameters and model state into the model's buffers (on the model's device)."""
+    check_compatible(ck, model, path)
+    model.params[...] = model.xp.asarray(flatten(model, ck.params))
+    model.state[...] = model.xp.asarray(flatten(model, ck.state, "state"))
 
 
 # -- the set of checkpoints in a run directory ---------------------------------------

@@ -8,24 +8,26 @@ whole MPI job so that no rank is left waiting in a collective.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import FIELDS, load_toml, make_config, parse_value
-from .errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError, agreed
+from .config import FIELDS, SECTIONS, Config, load_toml, make_config, parse_value
+from .errors import EXIT_FAILURE, EXIT_USER_ERROR, StopTraining, UserError
+from .parallel.launch import launched_by_mpi, launcher_rank, launcher_world_size
 
 COMMANDS = ("train", "eval", "inspect")
 
 
 def fail(message: str) -> NoReturn:
-    """Report a user mistake in one line and exit with 2 (also used by scripts/)."""
-    print(f"dptrain: error: {message}", file=sys.stderr, flush=True)
+    """Report a user mistake in one line and exit with 2 (also used by scripts/). Under an
+    MPI launcher only rank 0 prints: every rank makes the same mistake."""
+    if launcher_rank() == 0:
+        print(f"dptrain: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USER_ERROR)
 
 
@@ -36,42 +38,46 @@ class OneLineParser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
-def _type_name(f: dataclasses.Field) -> str:
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return type(default).__name__
+def _help(name: str) -> str:
+    o = FIELDS[name]
+    extra = f"; {o.range.text()}" if o.range is not None else ""
+    return f"{o.help} (default: {o.shown_default()}{extra})".replace("%", "%%")
 
 
 def train_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m dptrain [train]",
-                description="Train a model data-parallel over MPI ranks (or in one process). "
-                            "Other commands: `eval`, `inspect` (see `python -m dptrain eval "
-                            "--help`). Options override the config file; every option is "
-                            "also a config-file key (with underscores).")
+                      description="Train a model data-parallel over MPI ranks (or in one "
+                                  "process). Other commands: `eval`, `inspect` (see `python -m "
+                                  "dptrain eval --help`). Options override the config file; "
+                                  "every option is also a config-file key (with underscores), "
+                                  "at the top level or in its [section].")
     p.add_argument("--config", help="TOML config file")
     p.add_argument("--traceback", action="store_true", help="show the stack on errors")
     p.add_argument("--version", action="version", version=f"dptrain {__version__}")
-    for name, f in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{f.metadata['help']} (default: {default!r})"
-        if isinstance(default, bool):
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                           default=None, help=help_)
-        elif name == "layers":
-            p.add_argument(flag, dest=name, metavar="JSON", default=None, help=help_)
-        else:
-            choices = f.metadata.get("choices")
-            metavar = "{" + ",".join(choices) + "}" if choices else _type_name(f).upper()
-            p.add_argument(flag, dest=name, metavar=metavar, default=None, help=help_)
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(f"[{section}]", (cls.__doc__ or "").strip())
+        for name, o in FIELDS.items():
+            if o.section != section:
+                continue
+            if o.kind is bool:
+                group.add_argument(o.flag, dest=name, action=argparse.BooleanOptionalAction,
+                                   default=None, help=_help(name))
+                continue
+            metavar = ("{" + ",".join(o.choices) + "}" if o.choices else
+                       "JSON" if name == "layers" else "LIST" if o.kind is tuple
+                       else o.kind.__name__.upper())
+            group.add_argument(o.flag, dest=name, metavar=metavar, default=None,
+                               help=_help(name))
     return p
 
 
 def eval_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m dptrain eval",
-                description="Evaluate a saved model or checkpoint (rebuilt from the file "
-                            "alone) on a dataset split; works under mpiexec too.")
+                      description="Evaluate a saved model or checkpoint (rebuilt from the file "
+                                  "alone) on a dataset split; works under mpiexec too.")
     p.add_argument("--checkpoint", help="checkpoint or model file (default: RUN_DIR/model.h5)")
-    p.add_argument("--run-dir", default="runs/default", help="run directory (default: %(default)s)")
+    p.add_argument("--run-dir", default="runs/default",
+                   help="run directory (default: %(default)s)")
     p.add_argument("--dataset", help="dataset (default: the one in the file's config)")
     p.add_argument("--split", choices=("test", "train"), default="test")
     p.add_argument("--batch-size", type=int, default=256)
@@ -84,100 +90,79 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def inspect_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m dptrain inspect",
-                description="Show a checkpoint's format, metadata, progress and architecture, "
-                            "and verify every checksum (exit 2 on a bad file).")
+                      description="Show a checkpoint's format, metadata, progress and "
+                                  "architecture, and verify every checksum (exit 2 on a bad "
+                                  "file).")
     p.add_argument("path", help="checkpoint or model file")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
     p.add_argument("--traceback", action="store_true")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
+def config_from_args(args: argparse.Namespace) -> Config:
     """Config file values, overridden by the options given on the command line."""
     values = load_toml(args.config) if args.config else {}
     for name in FIELDS:
         v = getattr(args, name, None)
         if v is None:
             continue
-        if isinstance(v, str):
-            if FIELDS[name].type in ("list", list) and name != "layers" and "[" not in v:
-                v = "[" + v + "]"
-            v = parse_value(name, v)
-        values[name] = v
+        values[name] = parse_value(name, v) if isinstance(v, str) else v
     return make_config(values)
 
 
 # -- commands ------------------------------------------------------------------------
-def cmd_train(args: argparse.Namespace, ctx: _Run) -> int:
-    from .trainer import Trainer  # noqa: PLC0415  (keeps --help fast)
+def cmd_train(args: argparse.Namespace, run: _Run) -> int:
+    from .threads import limit_threads  # noqa: PLC0415  (keeps --help fast)
+    from .training import build_trainer  # noqa: PLC0415
 
     cfg = config_from_args(args)
-    if cfg.debug:
-        from .dist.comm import launched_by_mpi, launcher_world_size  # noqa: PLC0415
-
+    if cfg.run.debug:
         if launched_by_mpi() and launcher_world_size() > 1:
             raise UserError("--debug runs one process without MPI; start it without "
                             "mpiexec/srun (or with -n 1)")
-        cfg.comm = "local"
-    comm = ctx.communicator(cfg.comm)
-    from .threads import limit_threads  # noqa: PLC0415
-
-    threads, why = limit_threads(cfg.threads, comm.local_size)
-    trainer = Trainer(cfg, comm)
-    ctx.trainer = trainer
-    try:
-        ctx.agreed(trainer.setup)
-        ctx.agreed(trainer.open_run_dir, root_only=True)
-        trainer.resume_or_broadcast()
-        trainer.say(f"BLAS threads per rank: {threads or 'as set'} ({why})")
-        if cfg.debug:
-            from .gradcheck import report_model_gradcheck  # noqa: PLC0415
-
-            trainer.say(report_model_gradcheck(trainer))
-        trainer.install_signal_handlers()
-        ctx.in_loop = True
-        return trainer.train()
-    finally:
-        trainer.close()
+        cfg = cfg.replace(comm="local")
+    comm = run.communicator(cfg.parallel.comm)
+    threads, why = limit_threads(cfg.parallel.threads, comm.local_size)
+    trainer = build_trainer(cfg, comm,
+                            threads_line=f"BLAS threads per rank: {threads or 'as set'} ({why})")
+    run.in_loop = True
+    return trainer.run()
 
 
-def cmd_eval(args: argparse.Namespace, ctx: _Run) -> int:
+def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
     from . import checkpoint as ckpt  # noqa: PLC0415
     from .backend import select_backend  # noqa: PLC0415
-    from .data import load_dataset, validate_for_model  # noqa: PLC0415
+    from .config import config_from_dict  # noqa: PLC0415
+    from .data import load_from_config, validate_for_model  # noqa: PLC0415
     from .nn import Sequential, get_loss  # noqa: PLC0415
-    from .trainer import evaluate_model  # noqa: PLC0415
+    from .training import evaluate_model  # noqa: PLC0415
 
     path = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "model.h5"
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, not {args.batch_size}")
-    comm = ctx.communicator("auto")
+    comm = run.communicator("auto")
     ck = ckpt.read_file(path)
     backend = select_backend(args.device, comm.local_rank, comm.local_size,
                              args.allow_gpu_sharing, comm=comm)
     model = Sequential.from_spec(ck.architecture, backend.xp)
-    ckpt.check_compatible(ck, model, path)
-    model.params[...] = backend.xp.asarray(ckpt.flatten(model, ck.params))
-    model.state[...] = backend.xp.asarray(ckpt.flatten(model, ck.state, "state"))
-    conf = ck.config
-    data = load_dataset(args.dataset or conf.get("dataset", "digits"), dtype=model.dtype.name,
-                        seed=conf.get("seed", 0),
-                        synthetic_shape=tuple(conf.get("synthetic_shape", (28, 28, 1))),
-                        synthetic_classes=conf.get("synthetic_classes", 10),
-                        synthetic_samples=conf.get("synthetic_samples", 2048))
-    loss_name = conf.get("loss", "cross_entropy")
-    validate_for_model(data, model.input_shape, model.output_shape[0], loss_name)
+    ckpt.load_into(model, ck, path)
+    cfg = config_from_dict(ck.config)
+    if args.dataset:
+        cfg = cfg.replace(dataset=args.dataset)
+    data = load_from_config(cfg.data, dtype=model.dtype.name, seed=cfg.run.seed)
+    validate_for_model(data, model.input_shape, model.output_shape[0], cfg.model.loss)
     ds = data.test if args.split == "test" else data.train
     if ds is None or len(ds) == 0:
         raise UserError(f"dataset {data.name} has no {args.split} split")
-    res = evaluate_model(model, get_loss(loss_name), ds, comm, backend.xp, args.batch_size)
+    res = evaluate_model(model, get_loss(cfg.model.loss), ds, comm, backend.xp,
+                         args.batch_size)
     if comm.rank == 0:
         print(f"{path}: {args.split} loss {res['loss']:.4f} accuracy {res['accuracy']:.4f} "
               f"({res['samples']} samples, {data.name})")
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace, ctx: _Run) -> int:
+def cmd_inspect(args: argparse.Namespace, run: _Run) -> int:
     from . import checkpoint as ckpt  # noqa: PLC0415
 
     ck = ckpt.read_file(args.path)  # reads every dataset: HDF5 verifies each checksum
@@ -215,15 +200,14 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Run) -> int:
 
 # -- running a command with the error policy ----------------------------------------
 class _Run:
-    """Holds the communicator and applies the error policy across ranks."""
+    """Holds the communicator and knows where the run is (for the error policy)."""
 
     def __init__(self) -> None:
         self.comm: Any = None
-        self.trainer: Any = None
-        self.in_loop = False
+        self.in_loop = False  # past here, a UserError on one rank alone aborts the job
 
     def communicator(self, kind: str) -> Any:
-        from .dist.comm import make_communicator  # noqa: PLC0415
+        from .parallel import make_communicator  # noqa: PLC0415
 
         self.comm = make_communicator(kind)
         return self.comm
@@ -232,34 +216,11 @@ class _Run:
     def rank(self) -> int:
         """This rank; before the communicator exists, the launcher's word for it (so a
         config mistake under mpiexec is printed by rank 0 alone, not once per rank)."""
-        if self.comm is not None:
-            return self.comm.rank
-        from .dist.comm import launcher_rank  # noqa: PLC0415
-
-        return launcher_rank()
+        return self.comm.rank if self.comm is not None else launcher_rank()
 
     @property
     def world(self) -> int:
         return self.comm.size if self.comm is not None else 1
-
-    def agreed(self, fn: Callable[[], None], root_only: bool = False) -> None:
-        """Run ``fn`` (on every rank, or rank 0 alone); a UserError anywhere stops all."""
-        err: UserError | None = None
-        if not root_only or self.rank == 0:
-            try:
-                fn()
-            except UserError as e:
-                err = e
-        if self.world == 1:
-            if err is not None:
-                raise err
-            return
-        failed = self.comm.allreduce_scalars([self.rank if err else self.world], "min")
-        first = int(failed[0])
-        if first == self.world:
-            return
-        msg = self.comm.bcast_bytes(str(err).encode() if err else None, root=first)
-        raise agreed(UserError(msg.decode()))
 
 
 def _print_error(run: _Run, e: BaseException, show_tb: bool, tagged: bool = False) -> None:
@@ -275,12 +236,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = "train"
     if argv and argv[0] in COMMANDS:
         cmd = argv.pop(0)
+    if cmd == "train":  # a stop signal during start-up is recorded, never fatal
+        from . import signals  # noqa: PLC0415
+
+        signals.install()
     parser = {"train": train_parser, "eval": eval_parser, "inspect": inspect_parser}[cmd]()
     args = parser.parse_args(argv)
-    run = _Run()
     handler = {"train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}[cmd]
-    from .trainer import StopTraining  # noqa: PLC0415
+    return run_command(handler, args)
 
+
+def run_command(handler: Any, args: argparse.Namespace) -> int:
+    """``handler(args, run)`` under the error policy: a user mistake is one line and exit 2
+    (printed once, every rank exiting together); any other failure aborts the whole job."""
+    run = _Run()
     try:
         return handler(args, run)
     except UserError as e:

@@ -1,15 +1,21 @@
-"""The typed run configuration: defaults, TOML loading, overrides and validation.
+"""The typed run configuration, in sections: defaults, ranges, TOML loading, validation.
 
-Every field has a help text; the command line offers each field as ``--field-name``,
-so the config file, the CLI and ``--help`` can never disagree.
+Every option is declared once, beside its section, with its default, help text, choices
+and allowed range; the command line offers each as a flat ``--option-name`` and ``--help``
+shows the range, so the config file, the CLI and the help can never disagree. Option names
+are unique across sections, so a TOML file may give them at the top level or in any table
+(``[optim]``, ``[model]``, ... are the canonical sections, which ``config.json`` uses).
+A validated ``Config`` is frozen: code that needs another value builds a new one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,117 +28,319 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta, **kw)
+# -- declaring options -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: ``low``/``high`` (None: unbounded), open or closed.
+    Floats must also be finite: NaN and Inf are never a valid setting."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+            return False
+        return not (self.high is not None
+                    and (v > self.high or (self.high_open and v == self.high)))
+
+    def text(self) -> str:
+        """``> 0``, ``>= 1``, ``in [0, 1)``, ``0 to 4096``."""
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            if not (self.low_open or self.high_open):
+                return f"{_num(lo)} to {_num(hi)}"
+            return (f"in {'(' if self.low_open else '['}{_num(lo)}, "
+                    f"{_num(hi)}{')' if self.high_open else ']'}")
+        if lo is not None:
+            return f"{'>' if self.low_open else '>='} {_num(lo)}"
+        if hi is not None:
+            return f"{'<' if self.high_open else '<='} {_num(hi)}"
+        return "finite"
 
 
-@dataclass
-class Config:
-    """Everything a training run needs; ``resolved()`` is what the run directory records."""
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
-    # model
-    model: str = _f("cnn", "model preset (mlp | cnn); ignored when `layers` is given")
-    layers: list = _f([], "custom model: list of layer specs, e.g. "
-                          "[{type='dense', units=64}, {type='relu'}] (config file only)")
-    dtype: str = _f("float32", "floating-point type of parameters and data",
-                    ("float32", "float64"))
-    loss: str = _f("cross_entropy", "loss: cross_entropy (from logits), cross_entropy_probs "
-                   "(after a softmax layer), mse", ("cross_entropy", "cross_entropy_probs", "mse"))
-    # data
-    dataset: str = _f("digits", "digits (built in), synthetic, or a path to .h5/.hdf5/.npz")
-    synthetic_shape: list = _f([28, 28, 1], "sample shape of the synthetic dataset")
-    synthetic_classes: int = _f(10, "classes of the synthetic dataset")
-    synthetic_samples: int = _f(2048, "samples (train + test) of the synthetic dataset")
-    # schedule of work
-    epochs: int = _f(20, "passes over the training set")
-    max_steps: int = _f(0, "stop after this many optimizer steps in total (0 = no limit)")
-    batch_size: int = _f(0, "global batch per optimizer step, over all ranks "
-                            "(world-size invariant; default 64 unless batch_per_rank is given)")
-    batch_per_rank: int = _f(0, "alternative to batch_size: samples per rank per step "
-                                "(weak scaling); giving both is an error")
-    accum_steps: int = _f(1, "micro-batches accumulated per optimizer step (no communication "
-                             "on the first accum_steps - 1)")
-    eval_batch_size: int = _f(256, "global batch size for evaluation")
-    seed: int = _f(0, "seed for initialisation, shuffling and dropout")
-    # optimizer
-    optimizer: str = _f("adam", "optimizer", ("sgd", "adam", "adamw"))
-    lr: float = _f(1e-3, "base learning rate")
-    momentum: float = _f(0.9, "SGD momentum (0 disables it)")
-    nesterov: bool = _f(False, "Nesterov momentum for SGD")
-    beta1: float = _f(0.9, "Adam beta1")
-    beta2: float = _f(0.999, "Adam beta2")
-    eps: float = _f(1e-8, "Adam epsilon")
-    weight_decay: float = _f(0.0, "weight decay (L2 for sgd/adam, decoupled for adamw)")
-    decay_bias_norm: bool = _f(False, "also decay biases and normalisation parameters")
-    clip_norm: float = _f(0.0, "clip the global gradient norm to this value (0 = off)")
-    lr_schedule: str = _f("constant", "learning-rate schedule", ("constant", "step", "cosine"))
-    warmup_steps: int = _f(0, "linear warmup steps before the schedule")
-    lr_step_size: int = _f(1000, "steps between decays of the step schedule")
-    lr_gamma: float = _f(0.1, "decay factor of the step schedule")
-    min_lr: float = _f(0.0, "final learning rate of the cosine schedule")
-    # distribution
-    comm: str = _f("auto", "communicator: auto (MPI when launched by mpiexec/srun), mpi, "
-                           "local, or nccl (MPI, with NCCL for GPU arrays)",
-                   ("auto", "mpi", "local", "nccl"))
-    bucket_mb: float = _f(4.0, "gradient bucket size in MiB")
-    overlap: bool = _f(True, "start each bucket's allreduce during backward")
-    shared_memory_sync: bool = _f(True, "when every rank is on one node (CPU), keep gradients, "
-                                        "parameters and optimizer state in memory the ranks "
-                                        "share: each rank sums and updates its own slice (off: "
-                                        "one replica per rank, MPI allreduce buckets)")
-    threads: int = _f(0, "BLAS threads per rank (0 = cores on the node / ranks on the node, "
-                         "unless OMP_NUM_THREADS etc. are set)")
-    device: str = _f("cpu", "cpu, gpu (CuPy) or auto", ("cpu", "gpu", "auto"))
-    allow_gpu_sharing: bool = _f(False, "allow more ranks than GPUs on a node")
-    gpu_aware_mpi: str = _f("auto", "hand GPU buffers to MPI directly: auto (when the MPI "
-                                    "library reports CUDA support), on, or off (stage them "
-                                    "through pinned host memory)", ("auto", "on", "off"))
-    # run directory, logging, checkpoints
-    run_dir: str = _f("runs/default", "run directory: resolved config, metrics.jsonl, "
-                                      "checkpoints, final model")
-    log_every: int = _f(0, "also log every N steps (0 = per epoch only)")
-    progress: str = _f("auto", "progress bar: auto (when stdout is a terminal), on, off",
-                       ("auto", "on", "off"))
-    verbose: bool = _f(False, "every rank prints, each line tagged with its rank")
-    debug: bool = _f(False, "one process without MPI, non-finite checks per layer and a "
-                            "finite-difference gradient check before training")
-    checkpoint_every: str = _f("epoch", "checkpoint schedule: 'epoch', 'N' steps, 'Tm'/'Ts'/'Th' "
-                                        "time, or 'off' (a final checkpoint is always written)")
-    keep_last: int = _f(3, "checkpoints to keep besides best")
-    resume: str = _f("", "resume from 'auto' (newest good checkpoint in run_dir) or a path")
-    continue_on_checkpoint_error: bool = _f(False, "keep training when a checkpoint write fails")
-    on_nonfinite: str = _f("stop", "on NaN/Inf loss or gradient: stop, or skip the update",
-                           ("stop", "skip"))
-    max_skips: int = _f(10, "with on_nonfinite=skip, stop after this many consecutive skips")
-    drift_check_every: int = _f(0, "compare parameter checksums across ranks every N steps "
-                                   "(0 = each epoch)")
-    collective_timeout: float = _f(0.0, "abort when one step's communication takes longer "
-                                        "than this many seconds (0 = off)")
-    timeline: str = _f("", "write a Chrome trace (JSON) of each step's phases to this path")
 
-    # -- derived ---------------------------------------------------------------------
+POSITIVE = Range(0, None, low_open=True)
+NON_NEGATIVE = Range(0)
+FINITE = Range()
+UNIT_OPEN = Range(0, 1, high_open=True)       # [0, 1)
+COUNT = Range(1, 10**12)
+COUNT0 = Range(0, 10**12)                    # 0 = off / no limit
+
+
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+        range: Range | None = None, default_text: str = "",
+        message: str = "") -> Any:
+    """A config option: its default, help text, and what values it allows.
+
+    ``message`` replaces the range error's wording (``{name}``, ``{value}``, ``{range}``)."""
+    meta = {"help": help, "choices": choices, "range": range, "default_text": default_text,
+            "message": message}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# -- the sections --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelConfig:
+    """What is trained: the architecture, its number type and its loss."""
+
+    model: str = opt("cnn", "model preset; ignored when `layers` is given "
+                            "(`python -m dptrain --help` lists the presets)")
+    layers: tuple = opt((), "custom model: a list of layer specs, in a config file or as JSON "
+                            "on the command line, e.g. "
+                            "'[{\"type\": \"flatten\"}, {\"type\": \"dense\", \"units\": 10}]'",
+                        default_text="none (use `model`)")
+    dtype: str = opt("float32", "floating-point type of parameters and data",
+                     choices=("float32", "float64"))
+    loss: str = opt("cross_entropy", "cross_entropy (from logits), cross_entropy_probs "
+                                     "(after a softmax layer), or mse",
+                    choices=("cross_entropy", "cross_entropy_probs", "mse"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the samples come from."""
+
+    dataset: str = opt("digits", "digits (built in), synthetic, or a path to .h5/.hdf5/.npz")
+    synthetic_shape: tuple = opt((28, 28, 1), "sample shape of the synthetic dataset, e.g. "
+                                              "28,28,1")
+    synthetic_classes: int = opt(10, "classes of the synthetic dataset", range=Range(2, 10**6))
+    synthetic_samples: int = opt(2048, "samples (train + test) of the synthetic dataset",
+                                 range=Range(2, 10**9))
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How much training, in which batches, at which learning rate."""
+
+    epochs: int = opt(20, "passes over the training set", range=COUNT,
+                      message="{name} must be positive, not {value} (range {range})")
+    max_steps: int = opt(0, "stop after this many optimizer steps in total (0 = no limit)",
+                         range=COUNT0)
+    batch_size: int = opt(0, "global batch per optimizer step, over all ranks (world-size "
+                             "invariant)", range=Range(1, 10**8),
+                          default_text="64, unless batch_per_rank is given",
+                          message="{name} must be a positive number of samples, not {value}")
+    batch_per_rank: int = opt(0, "alternative to batch_size: samples per rank per step (weak "
+                                 "scaling); giving both is an error", range=Range(1, 10**8),
+                              default_text="not used",
+                              message="{name} must be a positive number of samples, "
+                                      "not {value}")
+    accum_steps: int = opt(1, "micro-batches accumulated per optimizer step (no communication "
+                              "on the first accum_steps - 1)", range=Range(1, 10**6))
+    eval_batch_size: int = opt(256, "global batch size for evaluation", range=Range(1, 10**8))
+    lr_schedule: str = opt("constant", "learning-rate schedule",
+                           choices=("constant", "step", "cosine"))
+    warmup_steps: int = opt(0, "linear warmup steps before the schedule (0 = none)",
+                            range=COUNT0)
+    lr_step_size: int = opt(1000, "steps between decays of the step schedule", range=COUNT)
+    lr_gamma: float = opt(0.1, "decay factor of the step schedule",
+                          range=Range(0, 1, low_open=True))
+    min_lr: float = opt(0.0, "final learning rate of the cosine schedule", range=NON_NEGATIVE)
+
     def global_batch(self, world: int) -> int:
         """Samples per micro-batch over all ranks."""
         if self.batch_per_rank:
             return self.batch_per_rank * world
         return self.batch_size or 64
 
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer and its hyperparameters."""
+
+    optimizer: str = opt("adam", "optimizer", choices=("sgd", "adam", "adamw"))
+    lr: float = opt(1e-3, "base learning rate", range=POSITIVE)
+    momentum: float = opt(0.9, "SGD momentum (0 disables it)", range=UNIT_OPEN)
+    nesterov: bool = opt(False, "Nesterov momentum for SGD (needs momentum > 0)")
+    beta1: float = opt(0.9, "Adam beta1", range=UNIT_OPEN)
+    beta2: float = opt(0.999, "Adam beta2", range=UNIT_OPEN)
+    eps: float = opt(1e-8, "Adam epsilon", range=Range(0, 1, low_open=True))
+    weight_decay: float = opt(0.0, "weight decay (L2 for sgd/adam, decoupled for adamw)",
+                              range=NON_NEGATIVE)
+    decay_bias_norm: bool = opt(False, "also decay biases and normalisation parameters")
+    clip_norm: float = opt(0.0, "clip the global gradient norm to this value (0 = off)",
+                           range=NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How ranks, threads and devices share the work."""
+
+    comm: str = opt("auto", "communicator: auto (MPI when launched by mpiexec/srun), mpi, "
+                            "local, or nccl (MPI, with NCCL for GPU arrays)",
+                    choices=("auto", "mpi", "local", "nccl"))
+    bucket_mb: float = opt(4.0, "gradient bucket size in MiB", range=Range(0, 4096,
+                                                                            low_open=True))
+    overlap: bool = opt(True, "start each bucket's allreduce during backward")
+    shared_memory_sync: bool = opt(True, "when every rank is on one node (CPU), keep "
+                                         "gradients, parameters and optimizer state in memory "
+                                         "the ranks share: each rank sums and updates its own "
+                                         "slice (off: one replica per rank, MPI allreduces)")
+    threads: int = opt(0, "BLAS threads per rank (0 = cores on the node / ranks on the node, "
+                          "unless OMP_NUM_THREADS etc. are set)", range=Range(0, 4096))
+    device: str = opt("cpu", "cpu, gpu (CuPy, one GPU per rank) or auto",
+                      choices=("cpu", "gpu", "auto"))
+    allow_gpu_sharing: bool = opt(False, "allow more ranks than GPUs on a node")
+    gpu_aware_mpi: str = opt("auto", "hand GPU buffers to MPI directly: auto (when the MPI "
+                                     "library reports CUDA support), on, or off (stage them "
+                                     "through pinned host memory)", choices=("auto", "on", "off"))
+    collective_timeout: float = opt(0.0, "abort when one step's communication takes longer "
+                                         "than this many seconds (0 = off)",
+                                    range=Range(0, 10**7))
+    drift_check_every: int = opt(0, "compare parameter checksums across ranks every N steps "
+                                    "(0 = at the end of each epoch)", range=COUNT0)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When checkpoints are written, how many are kept, where training resumes from."""
+
+    checkpoint_every: str = opt("epoch", "checkpoint schedule: 'epoch', 'N' steps, 'Ts'/'Tm'/"
+                                         "'Th' time, or 'off' (a final checkpoint is always "
+                                         "written)")
+    keep_last: int = opt(3, "step checkpoints to keep besides best.h5", range=Range(1, 10**6),
+                         message="{name} must be positive, not {value} (range {range})")
+    resume: str = opt("", "resume from 'auto' (newest good checkpoint in run_dir, or a fresh "
+                          "start without one) or a checkpoint path", default_text="none")
+    continue_on_checkpoint_error: bool = opt(False, "keep training when a checkpoint write "
+                                                    "fails (the final one must succeed)")
+    allow_config_change: bool = opt(False, "let a resumed run change options that alter the "
+                                           "training trajectory (lr, batch size, ...); the "
+                                           "earlier config.json is kept beside the new one")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run directory, randomness, output and failure policy."""
+
+    run_dir: str = opt("runs/default", "run directory: resolved config, metrics.jsonl, "
+                                       "checkpoints, final model")
+    seed: int = opt(0, "seed for initialisation, shuffling and dropout",
+                    range=Range(0, 2**63 - 1))
+    log_every: int = opt(0, "also log every N steps (0 = per epoch only)", range=COUNT0)
+    progress: str = opt("auto", "progress bar: auto (when stdout is a terminal), on, off",
+                        choices=("auto", "on", "off"))
+    verbose: bool = opt(False, "every rank prints, each line tagged with its rank")
+    debug: bool = opt(False, "one process without MPI, non-finite checks per layer and a "
+                             "finite-difference gradient check before training")
+    on_nonfinite: str = opt("stop", "on NaN/Inf loss or gradient: stop, or skip the update",
+                            choices=("stop", "skip"))
+    max_skips: int = opt(10, "with on_nonfinite=skip, stop after this many consecutive skips",
+                         range=Range(1, 10**6),
+                         message="{name} must be positive, not {value} (range {range})")
+    timeline: str = opt("", "write a Chrome trace (JSON) of each step's phases to this path",
+                        default_text="none")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "schedule": ScheduleConfig,
+    "optim": OptimConfig, "parallel": ParallelConfig, "checkpoint": CheckpointConfig,
+    "run": RunConfig}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option as the CLI, the TOML loader and ``--help`` see it."""
+
+    name: str
+    section: str
+    default: Any
+    kind: type
+    help: str
+    choices: tuple[str, ...] | None
+    range: Range | None
+    default_text: str
+    message: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def shown_default(self) -> str:
+        if self.default_text:
+            return self.default_text
+        if self.kind is tuple:
+            return ",".join(str(v) for v in self.default) or "none"
+        if self.kind is bool:
+            return "on" if self.default else "off"
+        return repr(self.default) if self.kind is str else f"{self.default:g}" \
+            if self.kind is float else str(self.default)
+
+
+def _options() -> dict[str, Option]:
+    out: dict[str, Option] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            m = f.metadata
+            assert f.name not in out, f"option {f.name} declared twice"
+            out[f.name] = Option(f.name, section, default, type(default), m["help"],
+                                 m["choices"], m["range"], m["default_text"], m["message"])
+    return out
+
+
+#: every option by its (flat, unique) name
+FIELDS: dict[str, Option] = _options()
+#: options a run records as 0 when they were not given
+_ZERO_IS_UNSET = ("batch_size", "batch_per_rank")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a training run needs, by section; ``resolved()`` is what a run records."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
     def resolved(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every option by name (JSON types), as ``config.json`` and checkpoints record it."""
+        return {name: _jsonable(getattr(getattr(self, o.section), name))
+                for name, o in FIELDS.items()}
+
+    def replace(self, **values: Any) -> Config:
+        """A validated copy with some options (by flat name) changed."""
+        return config_from_dict({**self.resolved(), **values})
+
+    def differences(self, other: dict[str, Any], keys: Iterator[str] | list[str]) -> list[str]:
+        """The names in ``keys`` whose value differs in ``other`` (a flat or sectioned
+        config, as read from a file)."""
+        theirs = flatten_sections(other)
+        mine = self.resolved()
+        return [k for k in keys if k in theirs and _jsonable(theirs[k]) != mine[k]]
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-_SECTION = re.compile(r"^[a-z_]+$")
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v
 
 
+# -- values from files and the command line -----------------------------------------------
 def _coerce(name: str, value: Any) -> Any:
-    """Check ``value`` against the field's type; one-line error naming the key."""
-    f = FIELDS[name]
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    kind = type(default)
+    """Check ``value`` against the option's type, choices and range; one-line errors."""
+    o = FIELDS[name]
+    kind = o.kind
+    if kind is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key {name!r} must be a list, not "
+                            f"{type(value).__name__} ({value!r})")
+        return tuple(value)
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))
           or kind is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
@@ -140,35 +348,42 @@ def _coerce(name: str, value: Any) -> Any:
                         f"not {type(value).__name__} ({value!r})")
     if kind is float:
         value = float(value)
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise UserError(f"config key {name!r} must be one of {', '.join(choices)}, not {value!r}")
+    if o.choices and value not in o.choices:
+        raise UserError(f"config key {name!r} must be one of {', '.join(o.choices)}, "
+                        f"not {value!r}")
+    if o.range is not None and not o.range.contains(value):
+        text = o.message or "{name} must be {range}, not {value}"
+        raise UserError(text.format(name=name, value=value, range=o.range.text()))
     return value
 
 
 def parse_value(name: str, text: str) -> Any:
-    """Turn a command-line string into the field's type."""
+    """Turn a command-line string into the option's type."""
     if name not in FIELDS:
         raise UserError(f"unknown option {name!r}")
-    f = FIELDS[name]
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    kind = type(default)
+    o = FIELDS[name]
+    kind = o.kind
     try:
         if kind is bool:
             low = text.lower()
             if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError
             return low in ("1", "true", "yes", "on")
-        if kind is list:
-            return json.loads(text)
+        if kind is tuple:
+            v = json.loads(text if text.lstrip().startswith("[") else f"[{text}]")
+            if not isinstance(v, list):
+                raise ValueError
+            return v
+        if kind is int:
+            return int(text, 10)
         return kind(text)
     except (ValueError, json.JSONDecodeError):
-        raise UserError(f"option --{name.replace('_', '-')}: {text!r} is not a valid "
-                        f"{kind.__name__}") from None
+        what = "JSON list" if kind is tuple else kind.__name__
+        raise UserError(f"option {o.flag}: {text!r} is not a valid {what}") from None
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config; top-level keys may also sit in any [section] (flattened)."""
+    """Read a TOML config: options at the top level or in any table (one level deep)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
@@ -176,59 +391,72 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"config file {p} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise UserError(f"config file {p} cannot be read: {e.strerror or e}") from None
+    return flatten_sections(data, where=f"config file {p}")
+
+
+def flatten_sections(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """Options by name from a flat or sectioned mapping (a table holds options; no option
+    takes a table as its value). An option given twice is an error."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):  # no key takes a table: [model], [optimizer] group
-            for k, v in value.items():
-                flat[k] = v
-        else:
-            flat[key] = value
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for k, v in items:
+            if k in flat:
+                raise UserError(f"{where}: option {k!r} is given twice")
+            flat[k] = v
     return flat
 
 
+def _unknown(key: str) -> UserError:
+    close = [k for k in FIELDS if k.startswith(key[:4])] or \
+        [k for k in FIELDS if key.replace("-", "_") == k]
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return UserError(f"unknown config key {key!r}{hint}")
+
+
 def make_config(values: dict[str, Any]) -> Config:
-    """A validated Config from plain key/values (config file merged with overrides)."""
-    kwargs = {}
+    """A validated, frozen Config from options by name (a config file merged with the
+    command line's overrides)."""
+    by_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, value in values.items():
         if key not in FIELDS:
-            close = [k for k in FIELDS if k.startswith(key[:4])]
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(f"unknown config key {key!r}{hint}")
-        kwargs[key] = _coerce(key, value)
-    for key in ("batch_size", "batch_per_rank"):
-        if key in kwargs and kwargs[key] <= 0:
-            raise UserError(f"{key} must be a positive number of samples, not {kwargs[key]}")
-    cfg = Config(**kwargs)
+            raise _unknown(key)
+        by_section[FIELDS[key].section][key] = _coerce(key, value)
+    cfg = Config(**{s: SECTIONS[s](**kw) for s, kw in by_section.items()})
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that do not need the data or the world size."""
-    positive = ["epochs", "accum_steps", "eval_batch_size", "keep_last", "max_skips"]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"{name} must be positive, not {getattr(cfg, name)}")
-    for name in ["batch_size", "batch_per_rank", "max_steps", "warmup_steps", "threads",
-                 "log_every", "drift_check_every"]:
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{name} must be >= 0, not {getattr(cfg, name)}")
-    if cfg.batch_size and cfg.batch_per_rank:
+    """Checks across options that need neither the data nor the world size."""
+    s, o = cfg.schedule, cfg.optim
+    if s.batch_size and s.batch_per_rank:
         raise UserError("give batch_size (global) or batch_per_rank, not both")
-    if cfg.lr <= 0:
-        raise UserError(f"lr must be positive, not {cfg.lr}")
-    if cfg.bucket_mb <= 0:
-        raise UserError(f"bucket_mb must be positive, not {cfg.bucket_mb}")
-    if not 0 <= cfg.momentum < 1:
-        raise UserError(f"momentum must be in [0, 1), not {cfg.momentum}")
-    if cfg.collective_timeout < 0 or cfg.clip_norm < 0 or cfg.weight_decay < 0:
-        raise UserError("collective_timeout, clip_norm and weight_decay must be >= 0")
-    if not isinstance(cfg.layers, list) or not all(isinstance(x, dict) for x in cfg.layers):
+    layers = cfg.model.layers
+    if not all(isinstance(x, dict) for x in layers):
         raise UserError("layers must be a list of tables like {type='dense', units=10}")
-    if (len(cfg.synthetic_shape) == 0 or
-            not all(isinstance(d, int) and d > 0 for d in cfg.synthetic_shape)):
-        raise UserError(f"synthetic_shape must be positive integers, not {cfg.synthetic_shape}")
-    parse_checkpoint_every(cfg.checkpoint_every)
+    shape = cfg.data.synthetic_shape
+    if (len(shape) == 0 or not all(isinstance(d, int) and not isinstance(d, bool)
+                                   and 0 < d <= 65536 for d in shape)):
+        raise UserError(f"synthetic_shape must be 1 to 65536 in each dimension, not "
+                        f"{list(shape)}")
+    if o.nesterov and not o.momentum:
+        raise UserError("nesterov needs momentum > 0")
+    if s.lr_schedule == "cosine" and s.min_lr > o.lr:
+        raise UserError(f"min_lr ({s.min_lr:g}) must not exceed lr ({o.lr:g})")
+    if not cfg.run.run_dir.strip():
+        raise UserError("run_dir must not be empty")
+    parse_checkpoint_every(cfg.checkpoint.checkpoint_every)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A Config from what a run directory or checkpoint recorded (options by name; a
+    sectioned mapping is read too)."""
+    flat = flatten_sections(data, where="recorded config")
+    return make_config({k: v for k, v in flat.items()
+                        if not (k in _ZERO_IS_UNSET and v == 0)})
 
 
 def parse_checkpoint_every(text: str) -> tuple[str, float]:
@@ -243,5 +471,10 @@ def parse_checkpoint_every(text: str) -> tuple[str, float]:
     if not m.group(2):
         if "." in m.group(1):
             raise UserError(f"checkpoint_every step count must be an integer, not {text!r}")
+        if int(m.group(1)) > 10**12:
+            raise UserError(f"checkpoint_every step count is too large: {text!r}")
         return "steps", int(m.group(1))
-    return "seconds", float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+    seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if seconds > 10**8:
+        raise UserError(f"checkpoint_every time is too long: {text!r}")
+    return "seconds", seconds

@@ -15,3 +15,11 @@ def agreed(e: UserError) -> UserError:
     """Mark an error that every rank raises together (no abort needed, rank 0 reports it)."""
     e.agreed = True  # type: ignore[attr-defined]
     return e
+
+
+class StopTraining(Exception):  # noqa: N818  (not always an error: preemption)
+    """Raised inside the training loop to end training early with an exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -11,7 +11,9 @@ start of backward in step 3 (steps count from 1, as in every message). Fields:
 - ``rank``:  the rank that fails (default: every rank)
 - ``step``:  ``N`` or ``N-M`` (default: every step)
 
-Unset, ``inject`` costs one global lookup. The variable is read once, by ``load()``.
+The variable is read once, by ``load()``; ``attach(trainer)`` then hooks the fault into
+the step's and the checkpoint writer's hook points, so an unset fault costs nothing in the
+hot path. ``DPTRAIN_TEST_PAUSE_IN_WRITE=seconds`` makes checkpoint writes sleep half-way.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from .errors import UserError
 
 ENV = "DPTRAIN_FAULT"
+PAUSE_ENV = "DPTRAIN_TEST_PAUSE_IN_WRITE"
 WHERE = ("data", "forward", "backward", "allreduce", "optimizer", "checkpoint")
 KINDS = ("raise", "kill", "hang", "nan", "drift")
 
@@ -74,6 +77,24 @@ def load() -> Fault | None:
     text = os.environ.get(ENV, "").strip()
     _active = parse(text) if text else None
     return _active
+
+
+def attach(trainer: Any) -> None:
+    """Hook the armed fault (and the write pause) into ``trainer``'s step and writer."""
+    f = _active
+    writer = next((e.hooks for e in trainer.extensions
+                   if "mid_write" in getattr(getattr(e, "hooks", None), "points", ())), None)
+    if f is not None and f.where != "checkpoint":
+        trainer.step.hooks.add(f.where, lambda step, rank, array=None: inject(
+            f.where, rank, step, array))
+    if writer is None:
+        return
+    if f is not None and f.where == "checkpoint":
+        rank = trainer.rank
+        writer.add("before_write", lambda path, step: inject("checkpoint", rank, step))
+    delay = os.environ.get(PAUSE_ENV)
+    if delay:
+        writer.add("mid_write", lambda path, step: time.sleep(float(delay)))
 
 
 def inject(where: str, rank: int, step: int, array: Any = None) -> None:

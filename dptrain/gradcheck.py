@@ -57,11 +57,10 @@ def _host(a: Any) -> np.ndarray:
     return a if isinstance(a, np.ndarray) else a.get()
 
 
-def report_model_gradcheck(trainer: Any, n: int = 4) -> str:
+def report_model_gradcheck(model: Sequential, loss: Any, train: Any, seed: int = 0,
+                           n: int = 4) -> str:
     """Run the check on the first ``n`` training samples and describe the result."""
-    ds = trainer.data.train
-    worst, where, median = model_gradient_check(trainer.model, trainer.loss, ds.x[:n],
-                                                ds.y[:n], trainer.cfg.seed)
+    worst, where, median = model_gradient_check(model, loss, train.x[:n], train.y[:n], seed)
     verdict = "ok" if worst < 1e-4 else "LARGE (kinks of relu/max-pool can cause this)"
     return (f"debug: gradient check on {n} samples: worst relative error {worst:.2e} at "
             f"{where}, median {median:.2e} ({verdict})")

@@ -63,6 +63,8 @@ class Optimizer:
     """Base: holds the flat buffers, weight-decay mask, clipping and the step count."""
 
     state_names: tuple[str, ...] = ()
+    #: what checkpoints record (a resume must use the same)
+    name: str = ""
 
     def __init__(self, params: Any, grads: Any, xp: ModuleType = np, weight_decay: float = 0.0,
                  decay_mask: np.ndarray | None = None) -> None:
@@ -106,6 +108,8 @@ class Optimizer:
 
 class SGD(Optimizer):
     """SGD with momentum (PyTorch convention: v = m*v + g; p -= lr*v) and Nesterov."""
+
+    name = "sgd"
 
     def __init__(self, params: Any, grads: Any, xp: ModuleType = np, momentum: float = 0.0,
                  nesterov: bool = False, **kw: Any) -> None:
@@ -153,6 +157,7 @@ class Adam(Optimizer):
                  **kw: Any) -> None:
         super().__init__(params, grads, xp, **kw)
         self.beta1, self.beta2, self.eps, self.decoupled = beta1, beta2, eps, decoupled
+        self.name = "adamw" if decoupled else "adam"
         self._tmp2 = xp.empty_like(params)
 
     def _update(self, lr: float) -> None:

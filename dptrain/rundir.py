@@ -128,6 +128,18 @@ class RunDir:
             self._lock.unlink(missing_ok=True)
             self._lock = None
 
+    def keep_config(self, name: str, resolved: dict[str, Any]) -> None:
+        """Keep the current config.json as ``name`` unless it records ``resolved`` already
+        (a resumed run with other options never loses the earlier ones)."""
+        current = self.path / "config.json"
+        try:
+            if json.loads(current.read_text()) == resolved:
+                return
+        except (OSError, ValueError):
+            pass
+        if current.is_file():
+            os.replace(current, self.path / name)
+
     def write_config(self, resolved: dict[str, Any]) -> None:
         tmp = self.path / "config.json.tmp"
         tmp.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")

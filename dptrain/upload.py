@@ -84,6 +84,9 @@ class BatchUploader:
             return
         self._upload(self._other(), rows)
 
+    def close(self) -> None:
+        """Nothing to release: the buffers go with the object."""
+
     def _other(self) -> _Slot:
         return self.slots[1] if self.current is self.slots[0] else self.slots[0]
 

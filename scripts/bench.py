@@ -5,7 +5,7 @@ gradient sync against one raw allreduce, memory, and the bound set by the GEMMs 
     mpiexec -n 2 python scripts/bench.py --model cnn     # two ranks
     python scripts/bench.py --matrix --out bench.md --plot bench.png
 
-It drives the real ``Trainer`` step (batch gather, forward, loss, backward with bucketed
+It drives the trainer's public step (batch gather, forward, loss, backward with bucketed
 gradient sync, optimizer) on synthetic 28x28x1 inputs with 10 classes, SGD momentum 0.9,
 ``--batch-per-rank`` samples per rank, timing ``--steps`` steps after ``--warmup`` untimed
 ones. Rank 0 prints one JSON line (the keys are described in the README, Performance).
@@ -39,14 +39,15 @@ except ImportError:  # run from a checkout that is not installed
 
 from dptrain.cli import OneLineParser, fail
 from dptrain.config import make_config
-from dptrain.dist.comm import Communicator, make_communicator
 from dptrain.errors import UserError
 from dptrain.nn import Sequential
 from dptrain.nn.conv import Conv2D
 from dptrain.nn.dense import Dense
+from dptrain.parallel import Communicator, NodeSharedCopy, make_communicator
 from dptrain.threads import limit_threads
 from dptrain.timeline import merge_traces, rank_path
-from dptrain.trainer import PHASES, EpochStats, Trainer
+from dptrain.training import Batch, EpochMeter, Trainer, build_trainer
+from dptrain.training.meter import PHASES
 
 #: samples/s (global) of PyTorch 2.13 on CPU, 2 vCPUs, from issue 7: (model, ranks, threads)
 PYTORCH = {("mlp", 1, 1): 8271, ("mlp", 1, 2): 12140, ("mlp", 2, 1): 9290,
@@ -144,14 +145,24 @@ class LossRecorder:
         return getattr(self._loss, name)
 
 
-def full_batches(trainer: Trainer, global_batch: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(epoch, indices) of every full global batch, epoch after epoch, forever."""
+def full_batches(trainer: Trainer, global_batch: int) -> Iterator[Batch]:
+    """Every full global batch, epoch after epoch, forever (each knows the next)."""
+    sampler = trainer.plan.sampler
     per_epoch = len(trainer.data.train) // global_batch
-    epoch = 0
+    epoch, step = 0, 0
     while True:
         for i in range(per_epoch):
-            yield epoch, trainer.sampler.batch(epoch, i)
+            step += 1
+            nxt = sampler.batch(epoch, i + 1) if i + 1 < per_epoch else None
+            yield Batch(epoch, i, step, sampler.batch(epoch, i), nxt, False)
         epoch += 1
+
+
+def run_step(trainer: Trainer, batch: Batch, meter: EpochMeter | None = None) -> None:
+    """One training step through the trainer's public step (its phases added to ``meter``)."""
+    report = trainer.step(batch, trainer.schedule(batch.step - 1))
+    if meter is not None:
+        meter.add(report)
 
 
 def rss_mb() -> float:
@@ -230,7 +241,7 @@ def time_gemms(gemms: GemmSet, reps: int = 40) -> tuple[float, float]:
     return float(times[:, 0].min()), float(times[:, 1].min())
 
 
-def paired_gemm_steps(trainer: Trainer, batches: Iterator[tuple[int, np.ndarray]],
+def paired_gemm_steps(trainer: Trainer, batches: Iterator[Batch],
                       gemms: GemmSet, rounds: int = 8, per: int = 10
                       ) -> tuple[float, float, float]:
     """Median seconds of (a step, its GEMMs as run, all three GEMMs per layer) from
@@ -264,20 +275,17 @@ def time_allreduce(comm: Communicator, xp: Any, n: int, dtype: str, reps: int) -
     return float(np.median(comm.allreduce_scalars(times, "max")[3:]))
 
 
-def traced_allocations(trainer: Trainer, batches: Iterator[tuple[int, np.ndarray]],
+def traced_allocations(trainer: Trainer, batches: Iterator[Batch],
                        steps: int) -> tuple[float, float]:
     """(peak KiB allocated above the starting point during ``steps`` steps, KiB still held
     after them): near zero when every large buffer is reused across steps."""
-    stats = EpochStats()
     tracemalloc.start()
     try:
-        epoch, idx = next(batches)
-        trainer._step(idx, epoch, stats)  # buffers of a new size are allowed to appear once
+        run_step(trainer, next(batches))  # buffers of a new size are allowed to appear once
         base = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
         for _ in range(steps):
-            epoch, idx = next(batches)
-            trainer._step(idx, epoch, stats)
+            run_step(trainer, next(batches))
         current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -287,7 +295,7 @@ def traced_allocations(trainer: Trainer, batches: Iterator[tuple[int, np.ndarray
 def bench_trainer(args: argparse.Namespace, comm: Communicator, run_dir: str,
                   timeline: str) -> Trainer:
     """A trainer of the benchmark's model on synthetic data of FULL_BATCHES global
-    batches (not yet set up)."""
+    batches (every rank holding rank 0's state)."""
     n_train = args.batch_per_rank * comm.size * FULL_BATCHES
     samples = -(-n_train * 5 // 4) + 2  # 20% of them become the test split
     cfg = make_config({
@@ -298,22 +306,21 @@ def bench_trainer(args: argparse.Namespace, comm: Communicator, run_dir: str,
         "shared_memory_sync": not args.mpi_sync,
         "progress": "off", "checkpoint_every": "off", "run_dir": run_dir,
         "timeline": timeline})
-    return Trainer(cfg, comm)
+    return build_trainer(cfg, comm)
 
 
-def timed_steps(trainer: Trainer, batches: Iterator[tuple[int, np.ndarray]], n: int,
-                stats: EpochStats | None = None) -> tuple[list[float], list[float]]:
+def timed_steps(trainer: Trainer, batches: Iterator[Batch], n: int,
+                meter: EpochMeter | None = None) -> tuple[list[float], list[float]]:
     """Seconds of each of ``n`` training steps, and of each step's wait for the gradient
-    sum (the phases' times add up in ``stats`` when given)."""
-    stats = EpochStats() if stats is None else stats
+    sum (the phases' times add up in ``meter`` when given)."""
     steps: list[float] = []
     waits: list[float] = []
     for _ in range(n):
-        epoch, idx = next(batches)
+        batch = next(batches)
         t0 = time.perf_counter()
-        trainer._step(idx, epoch, stats)
+        run_step(trainer, batch, meter)
         steps.append(time.perf_counter() - t0)
-        waits.append(trainer.sync.wait_seconds)
+        waits.append(trainer.placement.sync.wait_seconds)
     return steps, waits
 
 
@@ -322,8 +329,8 @@ def wait_idle(comm: Communicator) -> None:
     a one-rank run would leave to the rest of the machine)."""
     if comm.size == 1:
         return
-    req = comm.comm.Ibarrier()
-    while not req.Test():
+    req = comm.ibarrier()
+    while not req.test():
         time.sleep(0.0005)
 
 
@@ -347,8 +354,7 @@ def paired_scaling(args: argparse.Namespace, trainer: Trainer, rounds: int,
     try:
         if comm.rank == 0:
             solo = bench_trainer(args, make_communicator("local"), solo_dir, "")
-            solo.setup()
-            solo.resume_or_broadcast()
+            solo.prepare()
         together = full_batches(trainer, args.batch_per_rank * world)
         alone = full_batches(solo, args.batch_per_rank) if solo else None
         t_world: list[float] = []
@@ -400,17 +406,16 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
     trainer = bench_trainer(args, comm, run_dir, args.timeline)
     scaling = None
     try:
-        trainer.setup()
-        trainer.resume_or_broadcast()
-        recorder = LossRecorder(trainer.loss)
-        trainer.loss = recorder
+        trainer.prepare()
+        recorder = LossRecorder(trainer.step.loss)
+        trainer.step.loss = recorder
         batches = full_batches(trainer, global_batch)
         timed_steps(trainer, batches, args.warmup)
         rss_start = rss_mb()
-        stats = EpochStats()
+        meter = EpochMeter()
         comm.barrier()
         t_start = time.perf_counter()
-        steps, waits = timed_steps(trainer, batches, args.steps, stats)
+        steps, waits = timed_steps(trainer, batches, args.steps, meter)
         wall = time.perf_counter() - t_start
         step_s, wait_s = np.array(steps), np.array(waits)
         comm.barrier()
@@ -418,7 +423,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
         peak_rss = peak_rss_mb()  # training's own, before the comparisons add arrays
         loss_ends = [float(recorder.first), float(recorder.last)]
         n_params = trainer.model.num_params
-        allreduce_s = time_allreduce(comm, trainer.xp, n_params, args.dtype,
+        allreduce_s = time_allreduce(comm, trainer.model.xp, n_params, args.dtype,
                                      args.allreduce_reps)
         if args.paired_scaling:
             scaling = paired_scaling(args, trainer, args.paired_scaling)
@@ -445,7 +450,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
     slowest = comm.allreduce_scalars(step_s, "max")
     # the last rank to reach the collective waits for the communication alone
     comm_only = comm.allreduce_scalars(wait_s, "min")
-    phases = comm.allreduce_scalars([stats.times[p] / args.steps for p in PHASES], "max")
+    phases = comm.allreduce_scalars([meter.times[p] / args.steps for p in PHASES], "max")
     losses = comm.allreduce_scalars(loss_ends, "sum")
     mem = comm.allreduce_scalars([peak_rss, rss_growth, alloc[0], alloc[1]], "max")
     if comm.rank != 0:
@@ -471,8 +476,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
         "peak_rss_mb": round(float(mem[0]), 1), "rss_growth_mb": round(float(mem[1]), 2),
         "alloc_peak_kb_per_step": round(float(mem[2]), 1),
         "alloc_retained_kb": round(float(mem[3]), 1),
-        "overlap": not args.no_overlap, "buckets": len(trainer.sync.buckets),
-        "sync": "shared memory" if trainer.sync.shared is not None
+        "overlap": not args.no_overlap, "buckets": len(trainer.placement.sync.buckets),
+        "sync": "shared memory" if isinstance(trainer.placement, NodeSharedCopy)
         else ("mpi" if world > 1 else "none"),
         "dtype": args.dtype, "blas": blas,
         "blas_env": {k: os.environ[k] for k in BLAS_ENV if k in os.environ}}

@@ -11,9 +11,9 @@ import argparse
 import numpy as np
 
 from dptrain.data import GlobalSampler, load_dataset, shard
-from dptrain.dist import GradSync, make_communicator
 from dptrain.nn import Context, Sequential, get_loss, layer_from_spec
 from dptrain.optim import make_optimizer
+from dptrain.parallel import GradSync, make_communicator
 
 
 def main() -> None:

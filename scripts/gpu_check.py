@@ -25,9 +25,9 @@ import numpy as np
 
 from dptrain import backend
 from dptrain.config import make_config
-from dptrain.dist import make_communicator
 from dptrain.errors import UserError
-from dptrain.trainer import EpochStats, Trainer
+from dptrain.parallel import make_communicator
+from dptrain.training import Trainer, build_trainer
 
 TOLERANCE = 1e-9
 
@@ -35,10 +35,21 @@ TOLERANCE = 1e-9
 def _trainer(world: object, **values: object) -> Trainer:
     cfg = make_config({"model": "cnn", "progress": "off", "checkpoint_every": "off",
                        "epochs": 1, **values})
-    t = Trainer(cfg, world)  # type: ignore[arg-type]
-    t.setup()
-    t.resume_or_broadcast()
+    t = build_trainer(cfg, world)  # type: ignore[arg-type]
+    t.prepare()
     return t
+
+
+def _train_steps(t: Trainer, n: int, on_step: object = None) -> None:
+    """``n`` steps of the plan through the trainer's public step (epoch 0 onwards)."""
+    for i, batch in enumerate(t.plan.batches(t.state)):
+        if i == n:
+            break
+        if callable(on_step):
+            on_step(i)
+        t.step(batch, t.schedule(batch.step - 1))
+        t.state.global_step += 1
+        t.state.epoch_pos += len(batch.indices)
 
 
 def _gpu_options(dev: str, how: dict[str, str]) -> dict[str, str]:
@@ -54,11 +65,8 @@ def equivalence(comm: object, workdir: Path, steps: int,
         t = _trainer(comm, dataset="digits", dtype="float64", batch_size=64, device=dev,
                      max_steps=steps, run_dir=str(workdir / f"equivalence-{dev}"),
                      **_gpu_options(dev, how))
-        stats = EpochStats()
-        n = min(t.steps_per_epoch, steps or t.steps_per_epoch)
-        for i in range(n):
-            t._upcoming = t.sampler.batch(0, i + 1) if i + 1 < t.steps_per_epoch else None
-            t._step(t.sampler.batch(0, i), 0, stats)
+        n = min(t.plan.steps_per_epoch, steps or t.plan.steps_per_epoch)
+        _train_steps(t, n)
         finals.append(t.backend.to_host(t.model.params).copy())
         t.close()
     cpu, gpu = finals
@@ -73,19 +81,19 @@ def samples_per_second(comm: object, workdir: Path, dev: str, batch: int, steps:
     t = _trainer(comm, dataset="synthetic", synthetic_shape=[28, 28, 1],
                  synthetic_samples=samples, dtype="float32", batch_per_rank=batch,
                  device=dev, run_dir=str(workdir / f"speed-{dev}"), **_gpu_options(dev, how))
-    stats = EpochStats()
-    count = min(steps + 2, t.steps_per_epoch)
-    t0 = 0.0
-    for i in range(count):
-        if i == 2:
+    count = min(steps + 2, t.plan.steps_per_epoch)
+    started: list[float] = []
+
+    def clock(i: int) -> None:
+        if i == 2:  # two warm-up steps, then the clock starts
             t.backend.synchronize()
-            t0 = time.perf_counter()
-        t._upcoming = t.sampler.batch(0, i + 1) if i + 1 < t.steps_per_epoch else None
-        t._step(t.sampler.batch(0, i), 0, stats)
+            started.append(time.perf_counter())
+
+    _train_steps(t, count, clock)
     t.backend.synchronize()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - started[0]
     t.close()
-    return (count - 2) * t.step_batch / elapsed
+    return (count - 2) * t.plan.sampler.batch_size / elapsed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from dptrain import checkpoint as ckpt
 from dptrain import cli
 from dptrain.config import parse_checkpoint_every
 from dptrain.errors import UserError
+from dptrain.hooks import Hooks
 from dptrain.nn import Sequential, layer_from_spec
 from dptrain.optim import make_optimizer
 
@@ -48,11 +49,11 @@ STATE = ckpt.TrainerState(epoch=1, epoch_pos=150, global_step=32, samples_seen=1
 
 
 def write(path: Path, model: Sequential, opt: object, kind: str = "checkpoint",
-          trainer: ckpt.TrainerState = STATE) -> Path:
-    return ckpt.write_file(path, kind=kind, model=model, params=model.params,
-                           state=model.state, config={"seed": 3, "lr": 0.01},
-                           world_size=4, optimizer=opt, opt_state=opt.state,
-                           trainer=trainer, seed=3, epoch_order=ORDER)
+          trainer: ckpt.TrainerState = STATE, hooks: Hooks | None = None) -> Path:
+    return ckpt.write_file(path, ckpt.capture(
+        kind, model, model.params, model.state, config={"seed": 3, "lr": 0.01}, world_size=4,
+        optimizer=opt, opt_state=opt.state, trainer=trainer, seed=3, epoch_order=ORDER),
+        hooks)
 
 
 @pytest.fixture
@@ -356,14 +357,15 @@ def test_interrupt_mid_write_leaves_no_temp_file(good: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     before = good.read_bytes()
 
-    def interrupted() -> None:
+    def interrupted(path: Path, step: int) -> None:
         assert len(list(good.parent.glob(".*.tmp"))) == 1  # half-written under a temp name
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "_pause_for_tests", interrupted)
+    hooks = Hooks(*ckpt.WRITE_POINTS)
+    hooks.add("mid_write", interrupted)
     model, opt = trained()
     with pytest.raises(KeyboardInterrupt):
-        write(good, model, opt)
+        write(good, model, opt, hooks=hooks)
     assert good.read_bytes() == before
     assert sorted(p.name for p in good.parent.iterdir()) == [good.name]
 

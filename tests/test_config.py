@@ -16,8 +16,8 @@ def test_toml_sections_flatten_and_types_check(tmp_path: Path) -> None:
     f.write_text('epochs = 3\n[optim]\nlr = 1\noptimizer = "sgd"\n'
                  'layers = [{type = "flatten"}, {type = "dense", units = 10}]\n')
     cfg = make_config(load_toml(f))
-    assert cfg.epochs == 3 and cfg.lr == 1.0 and cfg.optimizer == "sgd"
-    assert cfg.layers[1] == {"type": "dense", "units": 10}
+    assert cfg.schedule.epochs == 3 and cfg.optim.lr == 1.0 and cfg.optim.optimizer == "sgd"
+    assert cfg.model.layers[1] == {"type": "dense", "units": 10}
 
 
 @pytest.mark.parametrize("values,message", [
@@ -61,6 +61,6 @@ def test_help_documents_every_option() -> None:
 
 
 def test_global_batch() -> None:
-    assert make_config({}).global_batch(4) == 64
-    assert make_config({"batch_size": 50}).global_batch(3) == 50
-    assert make_config({"batch_per_rank": 16}).global_batch(3) == 48
+    assert make_config({}).schedule.global_batch(4) == 64
+    assert make_config({"batch_size": 50}).schedule.global_batch(3) == 50
+    assert make_config({"batch_per_rank": 16}).schedule.global_batch(3) == 48

@@ -38,15 +38,15 @@ from dptrain.backend import (
 )
 from dptrain.config import make_config
 from dptrain.data import GlobalSampler, load_dataset, shard
-from dptrain.dist import device as device_mod
-from dptrain.dist.comm import Communicator, LocalComm, Request
-from dptrain.dist.device import DeviceComm, device_comm, mpi_takes_device_buffers
-from dptrain.dist.nccl import decode_unique_id, encode_unique_id
-from dptrain.dist.sync import GradSync
 from dptrain.errors import UserError
 from dptrain.nn import Context, Sequential, get_loss, layer_from_spec
 from dptrain.optim import clip_grad_norm, make_optimizer
-from dptrain.trainer import Trainer
+from dptrain.parallel import LocalComm, Request, device_comm
+from dptrain.parallel import device as device_mod
+from dptrain.parallel.device import DeviceComm, mpi_takes_device_buffers
+from dptrain.parallel.nccl import decode_unique_id, encode_unique_id
+from dptrain.parallel.sync import GradSync
+from dptrain.training import Batch, EpochMeter, build_trainer
 from dptrain.upload import BatchUploader
 
 GPU = Backend(sx, "gpu", 0)
@@ -249,7 +249,7 @@ def _read_like_mpi(a):
     return np.frombuffer(raw, dt).reshape(cai["shape"])
 
 
-class PartnerComm(Communicator):
+class PartnerComm(LocalComm):
     """Rank 0 of a pretend world of two: the partner adds 0.5 * x + 1 to every sum.
 
     A reduction reads its input when it starts and writes the result when waited on, as
@@ -367,17 +367,21 @@ def _trainer(tmp_path, device, tag, **kw):
     cfg = make_config({"model": "mlp", "dtype": "float64", "batch_size": 40, "epochs": 1,
                        "progress": "off", "run_dir": str(tmp_path / tag), "device": device,
                        "checkpoint_every": "off", **kw})
-    t = Trainer(cfg)
-    t.setup()
-    t.open_run_dir()
-    t.resume_or_broadcast()
+    t = build_trainer(cfg)
+    t.prepare()
     return t
 
 
-def _steps(t, first, n, stats):
+def _steps(t, first, n, meter):
+    sampler = t.plan.sampler
     for i in range(first, first + n):
-        t._upcoming = t.sampler.batch(0, i + 1)
-        t._step(t.sampler.batch(0, i), 0, stats)
+        batch = Batch(0, i, i + 1, sampler.batch(0, i), sampler.batch(0, i + 1), False)
+        meter.add(t.step(batch, t.schedule(i)))
+
+
+def _reduced(t, meter):
+    r = meter.reduce(t.comm, t.backend.to_host)
+    return r.loss_sum, r.correct, r.samples
 
 
 @pytest.mark.parametrize("kw", [{}, {"layers": [
@@ -386,24 +390,22 @@ def _steps(t, first, n, stats):
     {"type": "dropout", "rate": 0.25}, {"type": "dense", "units": 10}],
     "accum_steps": 2, "optimizer": "sgd", "clip_norm": 0.5}])
 def test_trainer_steps_move_only_the_batch_and_one_scalar(sxp, tmp_path, kw):
-    from dptrain.trainer import EpochStats
-
     cpu, gpu = _trainer(tmp_path, "cpu", "c", **kw), _trainer(tmp_path, "gpu", "g", **kw)
     assert gpu.backend.is_gpu and gpu.model.params.device.id == 0
-    s_cpu, s_gpu = EpochStats(), EpochStats()
+    s_cpu, s_gpu = EpochMeter(), EpochMeter()
     _steps(cpu, 0, 1, s_cpu)
     _steps(gpu, 0, 1, s_gpu)                           # warm-up: buffers are made
     sx.reset_stats()
     _steps(cpu, 1, 4, s_cpu)
     _steps(gpu, 1, 4, s_gpu)
-    micro = 4 * gpu.cfg.accum_steps
+    micro = 4 * gpu.cfg.schedule.accum_steps
     # per micro-batch: x, y and the sample indices, from pinned memory; per step one
     # scalar (the non-finite guard); nothing comes back otherwise
     assert sx.stats["h2d"] == 3 * micro
     assert sx.stats["scalar"] == 4
     assert sx.stats["d2h"] == 0 and sx.stats["pageable_async"] == 0
-    ref, got = cpu._reduced(s_cpu), gpu._reduced(s_gpu)   # metrics read back here, once
-    assert ref[:3] == got[:3] and got[2] == 5 * 40 * gpu.cfg.accum_steps
+    ref, got = _reduced(cpu, s_cpu), _reduced(gpu, s_gpu)  # metrics read back here, once
+    assert ref[:3] == got[:3] and got[2] == 5 * 40 * gpu.cfg.schedule.accum_steps
     assert sx.stats["d2h"] == 1
     np.testing.assert_array_equal(host(gpu.model.params), cpu.model.params)
     for t in (cpu, gpu):

@@ -21,7 +21,9 @@ from conftest import child_env, run_dptrain
 
 from dptrain import checkpoint as ckpt
 from dptrain.config import make_config
-from dptrain.trainer import StopTraining, Trainer
+from dptrain.errors import StopTraining
+from dptrain.training import Status, build_trainer
+from dptrain.training.extensions import NonFinitePolicy
 
 TINY = ["--model", "mlp", "--epochs", "1", "--batch-size", "50", "--progress", "off",
         "--dtype", "float64"]
@@ -164,14 +166,16 @@ def test_debug_names_the_first_layer_that_overflows(tmp_path):
 def test_guard_tells_huge_from_non_finite_gradients(tmp_path):
     cfg = make_config({"model": "mlp", "dtype": "float32", "run_dir": str(tmp_path / "run"),
                        "on_nonfinite": "stop"})
-    trainer = Trainer(cfg)
-    trainer.setup()
+    trainer = build_trainer(cfg)
     grads = trainer.model.grads
     grads[:] = 1e20  # every element finite, the sum of squares is not
-    assert trainer._guard_nonfinite(0) is False
+    assert trainer.step.gradient_finite()[0] is True
     grads[-1] = np.inf
+    assert trainer.step.gradient_finite()[0] is False
+    status = Status(step=1, epoch=0, epoch_end=False, last=False, stop_requested=False,
+                    elapsed=0.0, skipped=True)
     with pytest.raises(StopTraining, match="non-finite loss or gradient at step 1 "):
-        trainer._guard_nonfinite(0)
+        NonFinitePolicy("stop")(trainer, status)
 
 
 @pytest.mark.mpi

@@ -23,8 +23,8 @@ import pytest
 from conftest import ROOT, child_env
 
 from dptrain import checkpoint as ckpt
-from dptrain.dist.comm import _check_srun_world
 from dptrain.errors import UserError
+from dptrain.parallel.launch import check_srun_world as _check_srun_world
 from dptrain.rundir import RunDir
 
 SCRIPT = ROOT / "slurm" / "train.sbatch"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import child_env, run_dptrain, run_python
 
-from dptrain.dist.comm import LocalComm
-from dptrain.dist.sync import GradSync, bucket_bounds
+from dptrain.parallel.local import LocalComm
+from dptrain.parallel.sync import GradSync, bucket_bounds
 
 SCRIPT = Path(__file__).parent / "mpi_scripts" / "sync_check.py"
 RANKS = 3

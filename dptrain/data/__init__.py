@@ -1,6 +1,6 @@
 """Datasets (built-in digits, HDF5, npz, synthetic) and the global batch sampler."""
 
-from .datasets import Dataset, DataSplits, load_dataset, validate_for_model
+from .datasets import Dataset, DataSplits, load_dataset, load_from_config, validate_for_model
 from .sampler import GlobalSampler, shard, shard_bounds
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "DataSplits",
     "GlobalSampler",
     "load_dataset",
+    "load_from_config",
     "shard",
     "shard_bounds",
     "validate_for_model",

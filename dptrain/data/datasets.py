@@ -103,6 +103,14 @@ def load_dataset(source: str, *, dtype: Any = "float32", seed: int = 0,
     return _load_npz(path, source, dt)
 
 
+def load_from_config(data: Any, *, dtype: Any, seed: int) -> DataSplits:
+    """The dataset a config's [data] section names (``config.DataConfig``)."""
+    return load_dataset(data.dataset, dtype=dtype, seed=seed,
+                        synthetic_shape=tuple(data.synthetic_shape),
+                        synthetic_classes=data.synthetic_classes,
+                        synthetic_samples=data.synthetic_samples)
+
+
 def validate_for_model(splits: DataSplits, input_shape: tuple[int, ...], num_outputs: int,
                        loss: str) -> None:
     """Raise ``UserError`` unless the data fits a model of this input shape and output count."""

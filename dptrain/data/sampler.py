@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import UserError
+from ..parallel.split import part_bounds
 
 
 class GlobalSampler:
@@ -78,16 +79,13 @@ class GlobalSampler:
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """[start, stop) of rank's contiguous part of a batch of n; the first n % world get one more."""
+    """[start, stop) of rank's contiguous part of a batch of n (the first n % world ranks
+    get one more): the split rule of ``parallel.split``."""
     if world < 1:
         raise ValueError(f"world size must be >= 1, got {world}")
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} out of range for world size {world}")
-    if n < 0:
-        raise ValueError(f"batch size must be >= 0, got {n}")
-    base, extra = divmod(int(n), int(world))
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+    return part_bounds(n, rank, world)
 
 
 def shard(indices: np.ndarray, rank: int, world: int) -> np.ndarray:

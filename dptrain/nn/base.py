@@ -46,6 +46,9 @@ class Context:
     #: ``sample_index`` already on the device (GPU runs upload it with the batch), so
     #: dropout does not upload it again
     device_index: Any = None
+    #: called as ``hook(phase, layer_name, t_start, t_end)`` around every layer's forward
+    #: and backward when set (a timeline); unset, it costs one test per layer
+    layer_hook: Callable[[str, str, float, float], None] | None = None
 
     def reduce(self, a: Any) -> Any:
         """Sum ``a`` over ranks (in place where possible) and return it."""

@@ -61,16 +61,9 @@ def _layout(layers: list[Layer], shapes_of: Callable[[Layer], dict[str, Shape]])
     return slots
 
 
-#: ``hook(phase, layer_name, t_start, t_end)``, phase "forward" or "backward"
-LayerHook = Callable[[str, str, float, float], None]
-
-
 class Sequential:
     """A stack of layers with flat parameter, gradient and state buffers."""
 
-    #: called around every layer's forward and backward when set (a timeline); unset,
-    #: it costs one test per pass
-    layer_hook: LayerHook | None = None
     #: let layers keep and reuse their result buffers across calls (see Context.reuse)
     reuse_buffers: bool = True
 
@@ -167,7 +160,7 @@ class Sequential:
         """The model's output for ``x``: a new array (intermediates live in reused buffers)."""
         if self.reuse_buffers and not ctx.reuse:
             ctx = replace(ctx, reuse=True)
-        hook = self.layer_hook
+        hook = ctx.layer_hook
         for layer in self.layers:
             t0 = time.perf_counter() if hook is not None else 0.0
             x = layer.forward(x, ctx)
@@ -189,7 +182,7 @@ class Sequential:
             ctx = replace(ctx, reuse=True)
         ends = self._grad_ends()
         first = self._first_trainable()
-        hook = self.layer_hook
+        hook = ctx.layer_hook
         d = dout
         for i in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[i]

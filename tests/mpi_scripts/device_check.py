@@ -22,10 +22,10 @@ import strict_xp as sx  # noqa: E402
 
 from dptrain import backend  # noqa: E402
 from dptrain.config import make_config  # noqa: E402
-from dptrain.dist import device  # noqa: E402
-from dptrain.dist.comm import MPIComm  # noqa: E402
 from dptrain.errors import UserError  # noqa: E402
-from dptrain.trainer import Trainer  # noqa: E402
+from dptrain.parallel import device  # noqa: E402
+from dptrain.parallel.mpi import MPIComm  # noqa: E402
+from dptrain.training import Trainer, build_trainer  # noqa: E402
 
 LAYERS = [{"type": "conv2d", "filters": 4, "kernel": 3, "padding": "same"},
           {"type": "batchnorm", "sync": True}, {"type": "relu"},
@@ -43,12 +43,8 @@ def train(comm: MPIComm, tmp: Path, dev: str, aware: str, steps: int = 5,
                        "device": dev, "gpu_aware_mpi": aware, "drift_check_every": 2,
                        "resume": resume})
     sx.reset_stats()
-    t = Trainer(cfg, comm)
-    t.setup()
-    t.open_run_dir()
-    t.resume_or_broadcast()
-    t.train()
-    t.close()
+    t = build_trainer(cfg, comm)
+    t.run()
     return t.backend.to_host(t.model.params).copy(), dict(sx.stats), t
 
 

@@ -17,8 +17,9 @@ import zlib
 import numpy as np
 
 from dptrain.config import make_config
-from dptrain.dist.comm import MPIComm
-from dptrain.trainer import StopTraining, Trainer
+from dptrain.errors import StopTraining
+from dptrain.parallel.mpi import MPIComm
+from dptrain.training import build_trainer
 
 LAYERS = [{"type": "flatten"}, {"type": "dense", "units": 24, "bias": False},
           {"type": "batchnorm", "sync": True}, {"type": "relu"},
@@ -36,13 +37,11 @@ def main(run_dir: str, shared_memory: bool) -> None:
                        "weight_decay": 0.01, "run_dir": run_dir, "progress": "off",
                        "checkpoint_every": "off", "drift_check_every": 1000, "seed": 7,
                        "shared_memory_sync": shared_memory})
-    trainer = Trainer(cfg, comm)
-    trainer.setup()
-    trainer.open_run_dir()
-    trainer.resume_or_broadcast()
+    trainer = build_trainer(cfg, comm)
+    trainer.prepare()
     initial = trainer.model.params.copy()
     code = trainer.train()
-    opt = trainer.opt_state
+    opt = trainer.placement.opt_state
     mine = {"params": crc(trainer.model.params), "state": crc(trainer.model.state),
             "optimizer": zlib.crc32(b"".join(
                 np.ascontiguousarray(opt[k]).tobytes() for k in sorted(opt)))}
@@ -50,8 +49,7 @@ def main(run_dir: str, shared_memory: bool) -> None:
 
     if comm.rank == 1:  # one flipped bit on one rank must be found (or, in memory shared
         trainer.model.params.view(np.uint32)[0] ^= 1  # by the node, be seen by every rank)
-    if trainer.node is not None:
-        trainer.node.fence()
+    trainer.placement.after_update()  # a node's one shared copy: every rank sees the bit
     try:
         trainer.check_replicas("the test")
         drift = ""

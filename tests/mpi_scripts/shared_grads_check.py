@@ -1,4 +1,4 @@
-"""Checks the shared-memory gradient sum (SharedGrads through GradSync) under mpiexec.
+"""Checks the shared-memory gradient sum (SharedGrads through SharedSum) under mpiexec.
 
 Each rank writes ``rank + 0.5 * i`` (plus an odd fraction that makes float32 rounding
 depend on the order of the sum) into its slot of the window, over three steps; rank 0
@@ -13,9 +13,8 @@ import zlib
 
 import numpy as np
 
-from dptrain.dist.comm import MPIComm
-from dptrain.dist.shared import SharedGrads
-from dptrain.dist.sync import GradSync
+from dptrain.parallel.mpi import MPIComm
+from dptrain.parallel.shared import SharedGrads, SharedSum
 from dptrain.timeline import Timeline
 
 
@@ -25,8 +24,7 @@ def check(comm: MPIComm, n: int, dtype: str) -> None:
     assert shared is not None
     grads = shared.mine
     tl = Timeline(True, comm.rank)
-    sync = GradSync(comm, grads, bucket_bytes=64, overlap=True, shared=shared)
-    sync.timeline = tl
+    sync = SharedSum(shared, tl)
     idx = np.arange(n, dtype=np.float64)
     errors, crcs = [], []
     for step in range(3):  # the next step's writes must not race the last step's reads

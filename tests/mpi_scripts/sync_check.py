@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from dptrain.dist.comm import MPIComm
-from dptrain.dist.sync import GradSync
+from dptrain.parallel.mpi import MPIComm
+from dptrain.parallel.sync import GradSync
 
 
 class CountingComm:

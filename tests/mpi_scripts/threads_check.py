@@ -10,7 +10,7 @@ import os
 
 from threadpoolctl import threadpool_info
 
-from dptrain.dist.comm import make_communicator
+from dptrain.parallel import make_communicator
 from dptrain.threads import limit_threads
 
 

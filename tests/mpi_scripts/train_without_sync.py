@@ -12,20 +12,22 @@ import sys
 from typing import Any
 
 from dptrain import cli
-from dptrain.dist.sync import GradSync
-from dptrain.trainer import Trainer
+from dptrain.parallel.shared import SharedSum
+from dptrain.parallel.sync import GradSync
+from dptrain.training import Trainer
 
 
-def _do_nothing(self: GradSync, *args: Any) -> None:
+def _do_nothing(self: GradSync | SharedSum, *args: Any) -> None:
     self.calls = 0
 
 
-GradSync.on_ready = _do_nothing  # no bucket is launched during backward
-GradSync.finish = _do_nothing    # and nothing is summed before the optimizer step
+for _sum in (GradSync, SharedSum):  # MPI buckets, or the sum in a node's shared memory
+    _sum.on_ready = _do_nothing     # no bucket is launched during backward
+    _sum.finish = _do_nothing       # and nothing is summed before the optimizer step
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--no-replica-check"]:
         args = args[1:]
-        Trainer.check_replicas = lambda self, when: None
+        Trainer.check_replicas = lambda self, when, include_state=True: None
     sys.exit(cli.main(args))

@@ -1,7 +1,7 @@
 """Memory shared by the ranks of one node (MPI shared-memory windows), for CPU arrays.
 
-When every rank runs on one node, the trainer keeps its buffers here instead of one copy
-per rank:
+When every rank runs on one node, the node-shared placement (``parallel/placement.py``)
+keeps its buffers here instead of one copy per rank:
 
 - ``SharedGrads``: each rank's gradient buffer in a slot of its own, side by side. Rank k
   sums slice k of all slots, in rank order, so the bytes never depend on timing.
@@ -18,13 +18,16 @@ forward.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
-from .comm import Communicator, MPIComm
-
+from ..timeline import SYNC_TID
+from .interface import Communicator
+from .mpi import MPIComm
+from .split import all_part_bounds
 
 #: where MPICH and Open MPI keep the files behind shared-memory windows
 SHM_DIR = "/dev/shm"
@@ -44,12 +47,6 @@ def shm_shortfall(comm: Communicator, nbytes: int) -> str:
         return ""
     return (f"{SHM_DIR} has {free / 2**20:,.0f} MiB free, and memory shared by the ranks of "
             f"this node needs {nbytes / 2**20:,.0f} MiB")
-
-
-def slice_bounds(n: int, parts: int) -> list[tuple[int, int]]:
-    """``n`` elements in ``parts`` contiguous slices, the first ones no longer than the
-    rest: slice k is rank k's share of a buffer."""
-    return [(k * n // parts, (k + 1) * n // parts) for k in range(parts)]
 
 
 class NodeMemory:
@@ -123,7 +120,7 @@ class SharedGrads:
         self.slots = memory.slots(n, dtype)
         self.mine = self.slots[self.rank]
         self.mine.fill(0)
-        self.chunks = slice_bounds(n, self.size)
+        self.chunks = all_part_bounds(n, self.size)
         self.own = self.chunks[self.rank]
         self.own_slice_only = own_slice_only
         s, e = self.own
@@ -169,3 +166,31 @@ class SharedGrads:
     def close(self) -> None:
         """Free the shared memory (collective: every rank of the node calls it)."""
         self.memory.close()
+
+
+class SharedSum:
+    """The gradient sum of ranks that share a node, behind GradSync's three calls: nothing
+    starts during backward; ``finish()`` sums this rank's slice over every rank's slot."""
+
+    def __init__(self, grads: SharedGrads, timeline: Any = None) -> None:
+        self.grads = grads
+        self.buckets = [(0, grads.mine.size)]  # one "bucket": the whole buffer at once
+        self.calls = 0
+        self.wait_seconds = 0.0
+        self.timeline = timeline if timeline is not None and timeline.enabled else None
+
+    def start(self) -> None:
+        self.calls = 0
+
+    def on_ready(self, offset: int) -> None:
+        """Nothing to start early: the slots are summed once every rank has written."""
+
+    def finish(self) -> None:
+        t0 = time.perf_counter()
+        self.grads.allreduce()
+        self.calls = 1
+        t1 = time.perf_counter()
+        if self.timeline is not None:
+            self.timeline.add("allreduce (shared memory)", t0, t1, cat="comm", tid=SYNC_TID,
+                              bytes=self.grads.mine.nbytes, elements=[0, self.grads.mine.size])
+        self.wait_seconds = t1 - t0

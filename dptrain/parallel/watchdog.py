@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class Watchdog:
@@ -34,6 +35,15 @@ class Watchdog:
         if self._thread is not None:
             with self._lock:
                 self._what = None
+
+    @contextmanager
+    def watching(self, what: str) -> Iterator[None]:
+        """Armed for ``what`` while the block runs."""
+        self.arm(what)
+        try:
+            yield
+        finally:
+            self.disarm()
 
     def _run(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout / 4)):

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..backend import Backend
 from ..errors import UserError
-from .comm import Communicator, Request
 from .device import DeviceComm
+from .interface import Communicator, Request
 
 
 def encode_unique_id(uid: Any) -> bytes:
@@ -35,6 +35,12 @@ class _NcclRequest(Request):
 
     def wait(self) -> None:
         self.backend.stream().wait_event(self.done)
+
+    def test(self) -> bool:
+        if not self.done.done:
+            return False
+        self.wait()
+        return True
 
 
 class NcclComm(DeviceComm):

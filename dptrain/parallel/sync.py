@@ -8,9 +8,8 @@ optimizer step. Without overlap, ``finish()`` does one blocking allreduce of the
 With a timeline attached, each bucket's allreduce is recorded from its launch to the end
 of its wait, on its own row, so a trace shows whether communication overlaps backward.
 
-When every rank runs on one node (CPU arrays), ``finish()`` hands the sum to a
-``SharedGrads`` (``dist/shared.py``) instead: the ranks' gradient buffers side by side in
-memory they share, summed by reading each other's buffers, with no MPI message copies.
+Ranks on one node that share memory sum their gradients with ``SharedSum``
+(``parallel/shared.py``) instead, behind the same three calls.
 """
 
 from __future__ import annotations
@@ -18,11 +17,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-
 from ..timeline import BUCKET_TID, SYNC_TID
-from .comm import Communicator
-from .shared import SharedGrads
+from .interface import Communicator
 
 
 def bucket_bounds(n: int, itemsize: int, bucket_bytes: int) -> list[tuple[int, int]]:
@@ -37,18 +33,14 @@ class GradSync:
     """Sums a flat gradient buffer over ranks, bucket by bucket."""
 
     def __init__(self, comm: Communicator, grads: Any, bucket_bytes: int = 4 << 20,
-                 overlap: bool = True, shared: SharedGrads | None = None) -> None:
-        if shared is not None and not (shared.mine.size == grads.size
-                                       and np.shares_memory(shared.mine, grads)):
-            raise ValueError("grads must be the shared window's own slot (SharedGrads.mine)")
+                 overlap: bool = True, timeline: Any = None) -> None:
         self.comm, self.grads, self.overlap = comm, grads, overlap
-        self.shared = shared
         self.buckets = bucket_bounds(grads.size, grads.itemsize, bucket_bytes)
         self.calls = 0           # MPI calls made in the last step
         self.wait_seconds = 0.0  # time spent waiting in the last finish()
         #: where per-bucket spans go (``add(name, start, end, cat, tid, **args)``); None
         #: records nothing
-        self.timeline: Any = None
+        self.timeline = timeline if timeline is not None and timeline.enabled else None
         self._next = 0
         self._requests: list[Any] = []
         self._launched: list[float] = []
@@ -66,7 +58,7 @@ class GradSync:
 
     def on_ready(self, offset: int) -> None:
         """Backward has finished ``grads[:offset]``: launch every bucket now complete."""
-        if not (self.overlap and self.active) or self.shared is not None:
+        if not (self.overlap and self.active):
             return
         while self._next < len(self.buckets) and self.buckets[self._next][1] <= offset:
             s, e = self.buckets[self._next]
@@ -80,12 +72,7 @@ class GradSync:
         t0 = time.perf_counter()
         tl = self.timeline
         if self.active:
-            if self.shared is not None:
-                self.shared.allreduce()
-                self.calls = 1
-                if tl is not None:
-                    self._record(-2, t0, time.perf_counter())
-            elif self.overlap:
+            if self.overlap:
                 self.on_ready(self.grads.size)
                 for b, r in enumerate(self._requests):
                     r.wait()
@@ -100,11 +87,9 @@ class GradSync:
         self.wait_seconds = time.perf_counter() - t0
 
     def _record(self, bucket: int, start: float, end: float) -> None:
-        """One allreduce span on the timeline (bucket -1: the whole buffer, blocking MPI;
-        -2: the whole buffer through the shared-memory window)."""
+        """One allreduce span on the timeline (bucket -1: the whole buffer, blocking)."""
         s, e = (0, self.grads.size) if bucket < 0 else self.buckets[bucket]
-        name = {-1: "allreduce (blocking)", -2: "allreduce (shared memory)"}.get(
-            bucket, f"allreduce bucket {bucket}")
+        name = "allreduce (blocking)" if bucket < 0 else f"allreduce bucket {bucket}"
         tid = BUCKET_TID + bucket if bucket >= 0 else SYNC_TID
         self.timeline.add(name, start, end, cat="comm", tid=tid,
                           bytes=(e - s) * self.grads.itemsize, elements=[s, e])

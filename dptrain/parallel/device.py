@@ -12,7 +12,7 @@
 A non-blocking reduction is queued when its bucket is ready and handed to MPI as soon as
 its data is (checked without blocking at each later call), so backward keeps running.
 Every rank starts its MPI operations in the same order: queued buckets first, in order,
-before any other collective. ``NcclComm`` in dist/nccl.py replaces the MPI part with NCCL.
+before any other collective. ``NcclComm`` in parallel/nccl.py replaces the MPI part with NCCL.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from ..backend import Backend
 from ..errors import UserError
-from .comm import Communicator, Request
+from .interface import Communicator, Request
 
 _ALIGN = 256
 
@@ -127,6 +127,14 @@ class _DeviceRequest(Request):
     def wait(self) -> None:
         self.comm._complete(self.t)
 
+    def test(self) -> bool:
+        t = self.t
+        if not t.done and t.req is None:
+            self.comm._poll()
+        if not t.done and t.req is not None and t.req.test():
+            self.comm._complete(t)  # MPI is done: only the copy back is queued
+        return t.done
+
 
 def _is_host(a: Any) -> bool:
     return isinstance(a, np.ndarray)
@@ -145,11 +153,6 @@ class DeviceComm(Communicator):
         self.arena = PinnedArena(backend)
         self._queue: deque[_Transfer] = deque()  # waiting for their data, not yet in MPI
         self._open = 0                            # started, not yet completed
-
-    def __getattr__(self, name: str) -> Any:  # e.g. ``comm.comm``, the mpi4py object
-        if name == "inner":  # not set yet (a half-built object): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     # -- device arrays ---------------------------------------------------------------------
     def allreduce_sum(self, a: Any) -> Any:
@@ -219,6 +222,10 @@ class DeviceComm(Communicator):
         self._start_all()
         self.inner.barrier()
 
+    def ibarrier(self) -> Request:
+        self._start_all()
+        return self.inner.ibarrier()
+
     def abort(self, code: int = 1) -> None:
         self.inner.abort(code)
 
@@ -260,20 +267,3 @@ class DeviceComm(Communicator):
         """
         if self._open == 0 and not self._queue:
             self.arena.reset()
-
-
-def device_comm(inner: Communicator, backend: Backend, gpu_aware_mpi: str = "auto",
-                nccl: bool = False) -> Communicator:
-    """The communicator the trainer should use for ``backend``'s arrays."""
-    if not backend.is_gpu:
-        if nccl:
-            raise UserError("--comm nccl needs --device gpu (NCCL reduces GPU memory)")
-        return inner
-    if inner.size == 1:
-        return inner
-    if nccl:
-        from .nccl import NcclComm  # noqa: PLC0415  (needs cupy.cuda.nccl)
-
-        return NcclComm(inner, backend)
-    direct, why = mpi_takes_device_buffers(gpu_aware_mpi)
-    return DeviceComm(inner, backend, direct, why)

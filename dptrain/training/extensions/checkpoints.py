@@ -1,0 +1,124 @@
+"""Checkpoints on a schedule (every epoch, every N steps, every T seconds of agreed time),
+best.h5 when an epoch beats every earlier one, the final checkpoint and model.h5.
+
+Rank 0 writes (atomically: a temporary name, fsync, rename); every rank learns whether it
+worked, so all stop together on a failed write, or all go on with
+``continue_on_checkpoint_error``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ... import checkpoint as ckpt
+from ...errors import StopTraining, UserError, agreed
+from ...hooks import Hooks
+from ...parallel import agree
+from ..extension import Extension
+from ..status import Status
+from .nonfinite import broken_message
+
+
+class Checkpointing(Extension):
+    name = "checkpoints"
+
+    def __init__(self, run_dir: str, kind: str, amount: float, keep_last: int,
+                 continue_on_error: bool = False) -> None:
+        self.run_dir, self.kind, self.amount = run_dir, kind, amount
+        self.keep_last, self.continue_on_error = keep_last, continue_on_error
+        #: where tests attach to the writer (``checkpoint.WRITE_POINTS``)
+        self.hooks = Hooks(*ckpt.WRITE_POINTS)
+        self.on_disk: Path | None = None   # the newest step checkpoint this run has
+        self._on_disk_extras = ""          # ... and the extension state it holds
+        self.last_save = 0.0               # agreed seconds into training of the last one
+
+    def start(self, trainer: Any) -> None:
+        self.on_disk = trainer.resumed_from
+        self._on_disk_extras = json.dumps(trainer.extension_state(), sort_keys=True)
+
+    def _due(self, status: Status) -> bool:
+        if self.kind == "epoch":
+            return status.epoch_end
+        if self.kind == "steps":  # also at an epoch's last step
+            return status.step % int(self.amount) == 0
+        if self.kind == "seconds" and not status.epoch_end:
+            return status.elapsed - self.last_save >= self.amount
+        return False
+
+    def trigger(self, status: Status) -> bool:
+        return status.epoch_end or self._due(status)
+
+    def __call__(self, trainer: Any, status: Status) -> None:
+        if self._due(status):
+            self.save(trainer, elapsed=status.elapsed)
+        if status.epoch_end and trainer.observation.get("new_best"):
+            self.save(trainer, best=True, elapsed=status.elapsed)
+
+    def finish(self, trainer: Any) -> None:
+        self.save(trainer, final=True)
+        self.save_model(trainer)
+
+    # -- writing ---------------------------------------------------------------------------
+    def save(self, trainer: Any, final: bool = False, best: bool = False,
+             elapsed: float | None = None) -> Path | None:
+        """Rank 0 writes a checkpoint of now; every rank learns whether it worked."""
+        t0 = time.perf_counter()
+        step = trainer.state.global_step
+        if not trainer.step.parameters_finite():  # never a file with NaN/Inf in it
+            raise StopTraining(1, broken_message(step) + "; no checkpoint was written")
+        d = ckpt.checkpoint_dir(self.run_dir)
+        path = d / ckpt.BEST_NAME if best else ckpt.checkpoint_path(self.run_dir, step)
+
+        extras = json.dumps(trainer.extension_state(), sort_keys=True)
+
+        def write() -> None:
+            if path == self.on_disk and extras == self._on_disk_extras and not best:
+                return  # this very checkpoint is on disk already
+            d.mkdir(parents=True, exist_ok=True)
+            ckpt.write_file(path, trainer.snapshot(), self.hooks)
+            if not best:
+                self.on_disk, self._on_disk_extras = path, extras
+                ckpt.prune(self.run_dir, self.keep_last)
+
+        watchdog = trainer.watchdog
+        try:
+            agree(trainer.comm, _as_user_error(write), root_only=True,
+                  waiting=lambda: watchdog.watching(
+                      f"checkpoint write of step {step} (rank 0 writing)"))
+        except UserError as e:
+            msg = f"checkpoint write failed: {e}"
+            if self.continue_on_error and not final:
+                trainer.say(f"warning: {msg}; training goes on (continue_on_checkpoint_error)")
+                return None
+            raise agreed(UserError(msg + " (previous checkpoints are intact)")) from None
+        finally:
+            if elapsed is not None:
+                self.last_save = elapsed
+        t1 = time.perf_counter()
+        if trainer.step.timeline is not None:
+            trainer.step.timeline.add("checkpoint", t0, t1, path=str(path))
+        trainer.log("checkpoint", step=step, epoch=trainer.state.epoch, path=str(path),
+                    seconds=round(t1 - t0, 4), best=best)
+        return path
+
+    def save_model(self, trainer: Any) -> Path | None:
+        """The final model (architecture and weights) as run_dir/model.h5 (rank 0)."""
+        if not trainer.is_root:
+            return None
+        path = Path(self.run_dir) / "model.h5"
+        ckpt.write_file(path, trainer.snapshot("model"))
+        trainer.say(f"saved model to {path}")
+        return path
+
+
+def _as_user_error(fn: Any) -> Any:
+    """``fn`` with OS failures as UserError (the writer already turns its own into one)."""
+    def run() -> None:
+        try:
+            fn()
+        except OSError as e:
+            raise UserError(str(e) or "checkpoint write failed") from None
+    return run
