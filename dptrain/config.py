@@ -352,7 +352,10 @@ def _coerce(name: str, value: Any) -> Any:
         raise UserError(f"config key {name!r} must be one of {', '.join(o.choices)}, "
                         f"not {value!r}")
     if o.range is not None and not o.range.contains(value):
-        text = o.message or "{name} must be {range}, not {value}"
+        if isinstance(value, float) and not math.isfinite(value):
+            text = "{name} must be a finite number ({range}), not {value}"
+        else:
+            text = o.message or "{name} must be {range}, not {value}"
         raise UserError(text.format(name=name, value=value, range=o.range.text()))
     return value
 

@@ -128,17 +128,21 @@ class RunDir:
             self._lock.unlink(missing_ok=True)
             self._lock = None
 
-    def keep_config(self, name: str, resolved: dict[str, Any]) -> None:
+    def keep_config(self, name: str, resolved: dict[str, Any],
+                    ignore: tuple[str, ...] = ()) -> None:
         """Keep the current config.json as ``name`` unless it records ``resolved`` already
-        (a resumed run with other options never loses the earlier ones)."""
+        (but for the ``ignore`` keys): a resumed run with other options never loses the
+        earlier ones."""
         current = self.path / "config.json"
         try:
-            if json.loads(current.read_text()) == resolved:
-                return
+            old = json.loads(current.read_text())
         except (OSError, ValueError):
-            pass
-        if current.is_file():
-            os.replace(current, self.path / name)
+            old = None
+        if old is None:
+            return
+        if all(old.get(k) == v for k, v in resolved.items() if k not in ignore):
+            return
+        os.replace(current, self.path / name)
 
     def write_config(self, resolved: dict[str, Any]) -> None:
         tmp = self.path / "config.json.tmp"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .errors import UserError
+
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
@@ -30,6 +32,10 @@ def limit_threads(requested: int, local_size: int) -> tuple[int, str]:
                 return int(os.environ[var]) if os.environ[var].isdigit() else 0, f"{var} is set"
         n, why = threads_per_rank(local_size), f"{local_size} rank(s) on this node"
     else:
+        cores = usable_cores()
+        if requested > cores:
+            raise UserError(f"threads {requested} is more than the {cores} core(s) this rank "
+                            "may use; give at most that (or 0 for cores / ranks on the node)")
         n, why = requested, "threads option"
     _limits.append(_apply(n))
     return n, why

@@ -13,7 +13,9 @@ with one message instead of leaving some waiting in a collective.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .. import faults
@@ -61,7 +63,22 @@ def _num_outputs(data: DataSplits) -> int:
     return int(y.max()) + 1 if len(y) else 0
 
 
+def check_output_file(path: str, what: str) -> None:
+    """A file this run will write at its end must be writable now, not after training."""
+    if not path:
+        return
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a directory; give a file name")
+    if not parent.is_dir():
+        raise UserError(f"{what} {p}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {p}: directory {parent} is not writable")
+
+
 def _local_parts(cfg: Config, backend: Backend, world: int) -> _LocalParts:
+    check_output_file(cfg.run.timeline, "timeline")
     data = load_from_config(cfg.data, dtype=cfg.model.dtype, seed=cfg.run.seed)
     train = data.train
     num_out = _num_outputs(data)

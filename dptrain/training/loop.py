@@ -197,7 +197,8 @@ class Trainer:
                      f"{self.run_dir.archived} (use --resume auto to continue a run)")
         if resume is not None and resume.state is not None:  # the earlier options are kept
             self.run_dir.keep_config(f"config.step-{resume.state.global_step:09d}.json",
-                                     self.cfg.resolved())
+                                     self.cfg.resolved(), ignore=("resume",
+                                                                  "allow_config_change"))
         self.run_dir.write_config(self.cfg.resolved())
 
     def _broadcast(self, resume: Resume | None) -> None:
