@@ -133,7 +133,8 @@ def cmd_train(args: argparse.Namespace, ctx: _Run) -> int:
         if cfg.debug:
             from .gradcheck import report_model_gradcheck  # noqa: PLC0415
 
-            trainer.say(report_model_gradcheck(trainer))
+            trainer.say(report_model_gradcheck(trainer.model, trainer.loss,
+                                               trainer.data.train, cfg.seed))
         trainer.install_signal_handlers()
         ctx.in_loop = True
         return trainer.train()

@@ -176,10 +176,11 @@ def _host(a: Any) -> np.ndarray:
     return a if isinstance(a, np.ndarray) else a.get()
 
 
-def report_model_gradcheck(trainer: Any, n: int = 4) -> str:
-    """Run the check on the first ``n`` training samples and describe it in one line."""
-    ds = trainer.data.train
-    r = check_model_gradients(trainer.model, trainer.loss, ds.x[:n], ds.y[:n], trainer.cfg.seed)
+def report_model_gradcheck(model: Sequential, loss: Any, train: Any, seed: int = 0,
+                           n: int = 4) -> str:
+    """Run the check on the first ``n`` samples of the ``train`` split (``x``, ``y``) and
+    describe it in one line."""
+    r = check_model_gradients(model, loss, train.x[:n], train.y[:n], seed)
     head = f"debug: gradient check on {n} samples"
     left_out = f", {r.skipped} across a ReLU/max-pool kink left out" if r.skipped else ""
     if r.probes == 0:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dptrain.errors import UserError
-from dptrain.optim import Plateau, make_schedule
+from dptrain.schedules import Plateau, make_schedule
 
 METRICS = [1.0, 0.8, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.65, 0.65, 0.65, 0.65,
            0.64, 0.64, 0.64, 0.64, 0.64, 0.64, 0.6, 0.6, 0.6, 0.6, 0.6]

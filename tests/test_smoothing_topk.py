@@ -135,3 +135,27 @@ def test_topk_on_a_large_batch_equals_sorting() -> None:
     rank = _rank_by_sort(out, labels)
     got = get_loss("cross_entropy").count_topk(out, labels, np, (1, 5, 10))
     np.testing.assert_array_equal(got, [(rank < k).sum() for k in (1, 5, 10)])
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "cross_entropy_probs"])
+def test_on_the_device_stand_in_no_copies_and_numpy_bytes(name) -> None:
+    """Top-k counts and smoothed losses on (stand-in) device arrays: no copy to the host,
+    no scalar read-back, the same results as NumPy."""
+    import strict_xp as sx  # noqa: PLC0415
+
+    sx.configure(devices=1)
+    rng = np.random.default_rng(9)
+    z = rng.integers(0, 3, (40, 6)).astype(np.float64)
+    out = softmax_rows(z) if name == "cross_entropy_probs" else z
+    y = rng.integers(0, 6, 40)
+    d_out, d_y = sx.asarray(out), sx.asarray(y)
+    sx.reset_stats()
+    loss = get_loss(name, label_smoothing=0.15)
+    counts = loss.count_topk(d_out, d_y, sx, (1, 2, 5))
+    value = loss.forward(d_out, d_y, 0.025, sx)
+    grad = loss.backward()
+    assert sx.stats["d2h"] == 0 and sx.stats["scalar"] == 0, dict(sx.stats)
+    ref = get_loss(name, label_smoothing=0.15)
+    np.testing.assert_array_equal(sx.asnumpy(counts), ref.count_topk(out, y, np, (1, 2, 5)))
+    assert float(value) == float(ref.forward(out, y, 0.025, np))
+    np.testing.assert_array_equal(sx.asnumpy(grad), ref.backward())

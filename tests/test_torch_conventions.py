@@ -22,7 +22,8 @@ from dptrain.nn import Context
 from dptrain.nn.activations import Softmax
 from dptrain.nn.losses import CrossEntropy, CrossEntropyProbs, get_loss
 from dptrain.nn.norm import BatchNorm
-from dptrain.optim import make_optimizer, make_schedule
+from dptrain.optim import make_optimizer
+from dptrain.schedules import make_schedule
 
 LOGITS = np.array(ref.LOGITS)
 N = len(LOGITS)

@@ -96,7 +96,7 @@ class Loss:
         t = o[xp.arange(n), labels][:, None]
         ahead = (~(o <= t)).sum(axis=1)  # greater, or NaN on either side
         ahead += ((o == t) & (xp.arange(o.shape[1])[None, :] < labels[:, None])).sum(axis=1)
-        return (ahead[:, None] < xp.asarray(ks, dtype=np.int64)[None, :]).sum(axis=0)
+        return xp.stack([(ahead < k).sum() for k in ks]).astype(np.int64, copy=False)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
