@@ -1,13 +1,14 @@
-"""Optimizers and learning-rate schedules on flat parameter/gradient buffers.
+"""Optimizers and gradient clipping on flat parameter/gradient buffers.
 
 Every update is a handful of whole-buffer array operations; optimizer state is flat
-buffers of the same layout as the parameters, so it checkpoints as a few arrays.
+buffers of the same layout as the parameters, so it checkpoints as a few arrays. The
+learning-rate schedules live in ``schedules`` (``make_schedule`` is importable from here
+too).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -15,52 +16,18 @@ import numpy as np
 
 from .blas import level1
 from .errors import UserError
+from .schedules import Schedule, make_schedule
 
-Schedule = Callable[[int], float]
-
-
-def make_schedule(name: str, base_lr: float, total_steps: int, warmup_steps: int = 0,
-                  step_size: int = 1, gamma: float = 0.1, min_lr: float = 0.0) -> Schedule:
-    """``lr(step)`` for constant | step | cosine, with optional linear warmup in front.
-
-    During warmup the rate rises linearly from base_lr/warmup to base_lr; the main schedule
-    then runs on the steps after warmup.
-    """
-    if base_lr <= 0:
-        raise UserError(f"lr must be positive, not {base_lr}")
-    if warmup_steps < 0:
-        raise UserError("warmup_steps must be >= 0")
-
-    if name == "constant":
-        def main(t: int) -> float:
-            return base_lr
-    elif name == "step":
-        if step_size <= 0:
-            raise UserError("lr_step_size must be positive")
-
-        def main(t: int) -> float:
-            return base_lr * gamma ** (t // step_size)
-    elif name == "cosine":
-        span = max(1, total_steps - warmup_steps)
-
-        def main(t: int) -> float:
-            frac = min(t, span) / span
-            return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * frac))
-    else:
-        raise UserError(f"unknown lr schedule {name!r}; known: constant, step, cosine")
-
-    if warmup_steps == 0:
-        return main
-
-    def warmed(t: int) -> float:
-        if t < warmup_steps:
-            return base_lr * (t + 1) / warmup_steps
-        return main(t - warmup_steps)
-    return warmed
-
+__all__ = ["SGD", "Adam", "Optimizer", "Schedule", "clip_grad_norm", "make_optimizer",
+           "make_schedule"]
 
 class Optimizer:
-    """Base: holds the flat buffers, weight-decay mask, clipping and the step count."""
+    """Base: holds the flat buffers, weight-decay mask, clipping and the step count.
+
+    A step leaves ``grads`` as backward (and clipping) left it: an L2 weight-decay term
+    is added into a scratch buffer, never into the gradient, so whoever reads the
+    gradient after the step (a logger, an extension) sees the gradient.
+    """
 
     state_names: tuple[str, ...] = ()
     #: what checkpoints record (a resume must use the same)
@@ -78,11 +45,18 @@ class Optimizer:
         self._tmp = xp.empty_like(params)
 
     def _decay_term(self) -> Any:
-        """weight_decay * params (masked), into a scratch buffer."""
+        """weight_decay * params (masked), into the scratch buffer."""
         t = self._tmp
         self.xp.multiply(self.params, self.weight_decay, out=t)
         if self.decay_mask is not None:
             t *= self.decay_mask
+        return t
+
+    def _decayed_gradient(self) -> Any:
+        """grads + weight_decay * params (masked), in the scratch buffer: the same passes
+        over memory and the same bytes as adding the term into ``grads`` itself."""
+        t = self._decay_term()
+        t += self.grads
         return t
 
     def use_state_buffers(self, buffers: dict[str, Any]) -> None:
@@ -107,7 +81,8 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """SGD with momentum (PyTorch convention: v = m*v + g; p -= lr*v) and Nesterov."""
+    """SGD with momentum (PyTorch convention: v = m*v + g; p -= lr*v) and Nesterov
+    (p -= lr * (g + m*v)); L2 weight decay adds weight_decay * p to g first, as PyTorch."""
 
     name = "sgd"
 
@@ -120,30 +95,41 @@ class SGD(Optimizer):
         self.momentum, self.nesterov = momentum, nesterov
         # one pass per BLAS call instead of two ufunc passes and a temporary (NumPy only)
         self._blas = level1(params.dtype) if xp is np else None
+        self._tmp2: Any = None
 
     def _update(self, lr: float) -> None:
-        g, p = self.grads, self.params
-        if self.weight_decay:
-            g += self._decay_term()
-        blas = self._blas
+        p, tmp, m = self.params, self._tmp, self.momentum
+        g = self._decayed_gradient() if self.weight_decay else self.grads
         v = self.state.get("momentum")
-        if blas is not None and not self.nesterov and blas.usable(p, g, *self.state.values()):
+        blas = self._blas
+        if blas is not None and blas.usable(p, g, tmp, *self.state.values()):
             if v is not None:
-                blas.axpby(1.0, g, self.momentum, v)  # v = m*v + g
-                g = v
-            blas.axpby(-lr, g, 1.0, p)                # p -= lr * v (or lr * g)
+                blas.axpby(1.0, g, m, v)          # v = m*v + g
+                if self.nesterov:                 # the step is g + m*v
+                    if g is not tmp:
+                        tmp[...] = g
+                    blas.axpby(m, v, 1.0, tmp)
+                    g = tmp
+                else:
+                    g = v
+            blas.axpby(-lr, g, 1.0, p)            # p -= lr * g
             return
-        if not self.momentum:
-            self.params -= self.xp.multiply(g, lr, out=self._tmp)
+        if v is None:
+            self.params -= self.xp.multiply(g, lr, out=tmp)
             return
-        v *= self.momentum
+        v *= m
         v += g
         if self.nesterov:
-            upd = self.xp.multiply(v, self.momentum, out=self._tmp)
+            if g is tmp:  # the decayed gradient holds the scratch buffer
+                if self._tmp2 is None:
+                    self._tmp2 = self.xp.empty_like(p)
+                upd = self.xp.multiply(v, m, out=self._tmp2)
+            else:
+                upd = self.xp.multiply(v, m, out=tmp)
             upd += g
         else:
             upd = v
-        upd = self.xp.multiply(upd, lr, out=self._tmp)
+        upd = self.xp.multiply(upd, lr, out=tmp)
         self.params -= upd
 
 
@@ -164,14 +150,16 @@ class Adam(Optimizer):
         xp, g = self.xp, self.grads
         if self.weight_decay:
             if self.decoupled:
-                self.params -= self._decay_term() * lr
+                t = self._decay_term()
+                t *= lr
+                self.params -= t
             else:
-                g += self._decay_term()
+                g = self._decayed_gradient()
         m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
         m *= self.beta1
         m += xp.multiply(g, 1 - self.beta1, out=self._tmp2)
         v *= self.beta2
-        sq = xp.multiply(g, g, out=self._tmp)
+        sq = xp.multiply(g, g, out=self._tmp)  # g may be the scratch: it is used up here
         sq *= 1 - self.beta2
         v += sq
         t = self.step_count

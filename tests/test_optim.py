@@ -89,8 +89,9 @@ def test_schedules() -> None:
     cos = make_schedule("cosine", 1.0, 100, min_lr=0.1)
     assert cos(0) == pytest.approx(1.0) and cos(50) == pytest.approx(0.55)
     assert cos(100) == pytest.approx(0.1)
+    # warmup: (t + 1) / (W + 1) of the base rate, which the cosine reaches at step W
     warm = make_schedule("cosine", 1.0, 110, warmup_steps=10)
-    assert [warm(0), warm(4), warm(9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [warm(0), warm(4), warm(9)] == pytest.approx([1 / 11, 5 / 11, 10 / 11])
     assert warm(10) == pytest.approx(1.0) and warm(60) == pytest.approx(0.5)
 
 

@@ -5,6 +5,13 @@ packed per-channel partial sums over ranks with ``ctx.reduce`` (two reductions i
 forward, one in backward), so training does not depend on how the batch is split.
 Every rank makes the same reductions even when its part of the batch is empty.
 With ``sync=False`` each rank normalises with its local statistics only.
+
+Training needs at least two values per channel to normalise (as PyTorch, which refuses
+one): with one, the output would be beta alone and the running variance would be pulled
+toward 0. A training forward that gets one value per channel refuses with a UserError
+naming the layer; with ``sync=True`` the count is the global one, so every rank refuses
+together, and with ``sync=False`` it is this rank's shard. An empty shard (or batch) is
+fine: it contributes nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, agreed
 from .base import Context, Layer, Shape, register
 
 
@@ -72,24 +79,43 @@ class BatchNorm(Layer):
     def flops_per_sample(self) -> int:
         return 4 * int(np.prod(self.in_shape, dtype=np.int64))
 
-    def _batch_stats(self, x2: Any, ctx: Context) -> tuple[Any, Any, float]:
+    def _check_count(self, values: int, samples: int) -> None:
+        """Refuse a single value per channel (of the global batch when sync); none is an
+        empty batch, which normalises nothing and changes no statistics."""
+        if values != 1:
+            return
+        where = ("the global batch" if self.sync
+                 else "this rank's shard of the batch (sync=false normalises each rank's "
+                      "shard on its own)")
+        e = UserError(f"layer {self.name or self.kind}: BatchNorm in training needs at least "
+                      f"2 values per channel, but {where} gives {values} ({samples} "
+                      f"sample(s) of {math.prod(self.in_shape[:-1])} position(s)); use a "
+                      f"larger batch" + ("" if self.sync else " or sync=true"))
+        raise agreed(e) if self.sync else e
+
+    def _batch_stats(self, x: Any, x2: Any, ctx: Context) -> tuple[Any, Any, float]:
         """(mean, biased variance, element count) per channel, local or global."""
         xp = ctx.xp
         c = x2.shape[1]
         if self.sync:
+            positions = math.prod(self.in_shape[:-1])
+            if ctx.global_batch is not None:  # known on the host: no read-back from a GPU
+                self._check_count(ctx.global_batch * positions, ctx.global_batch)
             packed = xp.empty(c + 1, dtype=x2.dtype)
             x2.sum(axis=0, out=packed[:c])
             packed[c] = x2.shape[0]
             packed = ctx.reduce(packed)
-            if ctx.global_batch is not None:  # known on the host: no read-back from a GPU
-                count = float(ctx.global_batch * math.prod(self.in_shape[:-1]))
+            if ctx.global_batch is not None:
+                count = float(ctx.global_batch * positions)
             else:
                 count = float(packed[c])
+                self._check_count(int(count), int(count) // max(positions, 1))
             mean = packed[:c] / max(count, 1.0)
             d = x2 - mean
             sq = ctx.reduce((d * d).sum(axis=0))
         else:
             count = float(x2.shape[0])
+            self._check_count(x2.shape[0], len(x))
             mean = x2.sum(axis=0) / max(count, 1.0)
             d = x2 - mean
             sq = (d * d).sum(axis=0)
@@ -101,10 +127,10 @@ class BatchNorm(Layer):
         x2 = x.reshape(-1, c)
         gamma, beta = self.params["gamma"], self.params["beta"]
         if ctx.training:
-            mean, var, count = self._batch_stats(x2, ctx)
+            mean, var, count = self._batch_stats(x, x2, ctx)
             if count > 0:
                 m = self.momentum
-                unbiased = var * (count / (count - 1)) if count > 1 else var
+                unbiased = var * (count / (count - 1))
                 rm, rv = self.state["running_mean"], self.state["running_var"]
                 rm *= 1.0 - m
                 rm += m * mean
