@@ -20,12 +20,27 @@ def _umask() -> int:
     return mask
 
 
-def save_hdf5(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
-              attrs: dict[str, Any] | None = None, level: int = 4) -> Path:
-    """Atomically write ``{"train": (x, y), "test": (x, y)}`` with gzip ``level``.
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    Arrays are stored as given (uint8 inputs are scaled by 1/255 when loaded). Raises
-    OSError when the directory cannot be written; no temporary file is left behind.
+
+def save_hdf5(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
+              attrs: dict[str, Any] | None = None, level: int = 4, *,
+              chunk_rows: int = 1024, compress: bool = True, fletcher32: bool = False,
+              fsync: bool = False) -> Path:
+    """Atomically write ``{"train": (x, y), "test": (x, y)}``, chunked by ``chunk_rows``
+    samples, with gzip ``level`` when ``compress``.
+
+    Arrays are stored as given (uint8 inputs are scaled by 1/255 when loaded). For
+    streaming, prefer small chunks (a random batch then touches little more than its own
+    rows) and no compression (HDF5 decompresses a whole chunk to read one row of it);
+    ``fletcher32`` makes HDF5 verify every chunk it reads. ``fsync`` flushes the file and
+    its directory entry to disk. Raises OSError when the directory cannot be written; no
+    temporary file is left behind.
     """
     import h5py  # noqa: PLC0415
 
@@ -39,11 +54,19 @@ def save_hdf5(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
                 g = f.create_group(split)
                 for key, arr in (("x", x), ("y", y)):
                     arr = np.ascontiguousarray(arr)
-                    chunks = (min(len(arr), 1024), *arr.shape[1:]) if len(arr) else None
-                    g.create_dataset(key, data=arr, chunks=chunks, compression="gzip",
-                                     compression_opts=level, shuffle=True, track_times=False)
+                    chunks = (min(len(arr), max(int(chunk_rows), 1)), *arr.shape[1:]) \
+                        if len(arr) else None
+                    comp = dict(compression="gzip", compression_opts=level, shuffle=True) \
+                        if compress and chunks else {}
+                    g.create_dataset(key, data=arr, chunks=chunks, track_times=False,
+                                     fletcher32=bool(fletcher32 and chunks), **comp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, out)
+        if fsync:
+            _fsync_dir(out.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
