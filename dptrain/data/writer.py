@@ -31,7 +31,7 @@ def _fsync_dir(d: Path) -> None:
 def save_hdf5(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
               attrs: dict[str, Any] | None = None, level: int = 4, *,
               chunk_rows: int = 1024, compress: bool = True, fletcher32: bool = False,
-              fsync: bool = False) -> Path:
+              fsync: bool = False, extra: dict[str, np.ndarray] | None = None) -> Path:
     """Atomically write ``{"train": (x, y), "test": (x, y)}``, chunked by ``chunk_rows``
     samples, with gzip ``level`` when ``compress``.
 
@@ -39,8 +39,9 @@ def save_hdf5(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
     streaming, prefer small chunks (a random batch then touches little more than its own
     rows) and no compression (HDF5 decompresses a whole chunk to read one row of it);
     ``fletcher32`` makes HDF5 verify every chunk it reads. ``fsync`` flushes the file and
-    its directory entry to disk. Raises OSError when the directory cannot be written; no
-    temporary file is left behind.
+    its directory entry to disk. ``extra`` maps more dataset paths (e.g.
+    ``"train/y_coarse"``) to arrays stored the same way. Raises OSError when the directory
+    cannot be written; no temporary file is left behind.
     """
     import h5py  # noqa: PLC0415
 
@@ -50,16 +51,16 @@ def save_hdf5(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
     try:
         with h5py.File(tmp, "w", track_order=True) as f:
             f.attrs.update(attrs or {})
-            for split, (x, y) in splits.items():
-                g = f.create_group(split)
-                for key, arr in (("x", x), ("y", y)):
-                    arr = np.ascontiguousarray(arr)
-                    chunks = (min(len(arr), max(int(chunk_rows), 1)), *arr.shape[1:]) \
-                        if len(arr) else None
-                    comp = dict(compression="gzip", compression_opts=level, shuffle=True) \
-                        if compress and chunks else {}
-                    g.create_dataset(key, data=arr, chunks=chunks, track_times=False,
-                                     fletcher32=bool(fletcher32 and chunks), **comp)
+            items = [(f"{split}/{key}", arr) for split, (x, y) in splits.items()
+                     for key, arr in (("x", x), ("y", y))] + list((extra or {}).items())
+            for key, arr in items:
+                arr = np.ascontiguousarray(arr)
+                chunks = (min(len(arr), max(int(chunk_rows), 1)), *arr.shape[1:]) \
+                    if len(arr) else None
+                comp = dict(compression="gzip", compression_opts=level, shuffle=True) \
+                    if compress and chunks else {}
+                f.create_dataset(key, data=arr, chunks=chunks, track_times=False,
+                                 fletcher32=bool(fletcher32 and chunks), **comp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
         if fsync:
             with open(tmp, "rb+") as fh:
