@@ -6,8 +6,9 @@ never the pickled python version), read as a stream without extracting anything.
 output has /train and /test with x uint8 (N, 32, 32, 3) (NHWC; dptrain scales uint8 by
 1/255 on load) and y int64, for CIFAR-100 the fine labels in y and the coarse ones in
 y_coarse, and the root attributes name, num_classes, class_names (and coarse_class_names).
-It is stored uncompressed (pixels barely compress) in chunks of 64 images with fletcher32
-checksums, so that it streams well, through a temporary file renamed into place. Errors
+It is stored contiguous and uncompressed (pixels barely compress), so that a streamed
+batch reads each image straight from the file, through a temporary file renamed into
+place. Errors
 print one line; exit code 2.
 
     python scripts/prepare_cifar.py ~/Downloads/cifar-10-binary.tar.gz data/cifar10.h5
@@ -46,8 +47,8 @@ def convert(tarball: Path, out: Path, kind: str = "auto") -> str:
         if data.coarse_names:
             attrs["coarse_class_names"] = data.coarse_names
     try:
-        save_hdf5(out, {s: (data.x[s], data.y[s]) for s in data.x}, attrs, chunk_rows=64,
-                  compress=False, fletcher32=True, fsync=True, extra=extra)
+        save_hdf5(out, {s: (data.x[s], data.y[s]) for s in data.x}, attrs, chunk_rows=None,
+                  compress=False, fsync=True, extra=extra)
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror or e})") from None
     return (f"wrote {out}: {name}, {len(data.y['train'])} train, {len(data.y['test'])} test "

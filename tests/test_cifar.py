@@ -106,7 +106,7 @@ def test_cifar10_to_hdf5(tmp_path):
         assert np.array_equal(f["train/x"][()], images["train"])  # NHWC, pixel for pixel
         assert np.array_equal(f["test/x"][()], images["test"])
         assert list(f.attrs["class_names"]) == CIFAR10_NAMES and f.attrs["num_classes"] == 10
-        assert f["train/x"].fletcher32 and f["train/x"].compression is None
+        assert f["train/x"].chunks is None and f["train/x"].compression is None
     s = load_dataset(str(out))
     assert np.array_equal(s.train.y, labels["train"]) and np.array_equal(s.test.y, labels["test"])
     assert np.array_equal(s.train.x, images["train"].astype(np.float32) / np.float32(255))

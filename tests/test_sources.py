@@ -155,13 +155,20 @@ def test_plan_reads_each_chunk_once_and_coalesces():
                                                      (500, 501, 6, 7), (900, 902, 7, 9)]
     assert plan_spans(rows, None, 100, 700, 10**6) == [(0, 12, 0, 6), (500, 501, 6, 7),
                                                        (900, 902, 7, 9)]
-    # chunked by 16: chunks 0, 1 (consecutive: one read), 5, 6 (one read), 60
-    rows = np.array([3, 20, 31, 85, 90, 100, 961])
-    assert plan_spans(rows, 16, 100, 0, 100) == [(3, 32, 0, 3), (85, 101, 3, 6),
-                                                 (961, 962, 6, 7)]
+    # chunked by 16: chunks 0, 1 (consecutive: one read), 5 (alone: the 96-row span
+    # limit falls between 95 and 96), 6, 60
+    rows = np.array([3, 20, 31, 85, 90, 100, 110, 961])
+    assert plan_spans(rows, 16, 100, 0, 100) == [(3, 32, 0, 3), (85, 91, 3, 5),
+                                                 (100, 111, 5, 7), (961, 962, 7, 8)]
     # spans of at most one chunk's height (16 rows): cut where the chunk changes
-    assert plan_spans(rows, 16, 100, 0, 1) == [(3, 4, 0, 1), (20, 32, 1, 3), (85, 101, 3, 6),
-                                               (961, 962, 6, 7)]
+    assert plan_spans(rows, 16, 100, 0, 1) == [(3, 4, 0, 1), (20, 32, 1, 3), (85, 91, 3, 5),
+                                               (100, 111, 5, 7), (961, 962, 7, 8)]
+    # direct reads: runs, merged over small gaps, but never across a block (chunk) edge
+    assert plan_spans(np.array([0, 1, 2, 5, 6, 7, 8, 30]), None, 10, 20, 10**6,
+                      block=7) == [(0, 7, 0, 5), (7, 9, 5, 7), (30, 31, 7, 8)]
+    # repeated rows stay in one span
+    assert plan_spans(np.array([4, 4, 4, 9]), None, 10, 0, 100) == [(4, 5, 0, 3),
+                                                                    (9, 10, 3, 4)]
     # a span limit cuts at chunk boundaries, so no chunk is read twice
     rng = np.random.default_rng(0)
     for _ in range(50):

@@ -94,10 +94,9 @@ def load_dataset(source: str, *, dtype: Any = "float32", seed: int = 0,
     if source == "digits":
         return _load_digits(dt)
     if source in IDX_NAMES:
-        from .idx_datasets import load_idx_dataset  # noqa: PLC0415
+        from .idx_datasets import cached_h5  # noqa: PLC0415
 
-        splits = load_idx_dataset(source, lambda p: _load_h5(p, source, dt), data_dir,
-                                  cache_dir)
+        splits = _load_h5(cached_h5(source, data_dir, cache_dir), source, dt)
         splits.name = source
         return splits
     if source == "synthetic":

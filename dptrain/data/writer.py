@@ -30,15 +30,16 @@ def _fsync_dir(d: Path) -> None:
 
 def save_hdf5(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
               attrs: dict[str, Any] | None = None, level: int = 4, *,
-              chunk_rows: int = 1024, compress: bool = True, fletcher32: bool = False,
+              chunk_rows: int | None = 1024, compress: bool = True, fletcher32: bool = False,
               fsync: bool = False, extra: dict[str, np.ndarray] | None = None) -> Path:
     """Atomically write ``{"train": (x, y), "test": (x, y)}``, chunked by ``chunk_rows``
-    samples, with gzip ``level`` when ``compress``.
+    samples (None: contiguous), with gzip ``level`` when ``compress``.
 
     Arrays are stored as given (uint8 inputs are scaled by 1/255 when loaded). For
-    streaming, prefer small chunks (a random batch then touches little more than its own
-    rows) and no compression (HDF5 decompresses a whole chunk to read one row of it);
-    ``fletcher32`` makes HDF5 verify every chunk it reads. ``fsync`` flushes the file and
+    streaming, prefer contiguous storage without filters: dptrain then reads each row
+    straight from the file, where a compressed chunk must be decompressed whole to read
+    one row of it and a checksummed one verified whole; ``fletcher32`` (chunked only)
+    makes HDF5 verify every chunk it reads. ``fsync`` flushes the file and
     its directory entry to disk. ``extra`` maps more dataset paths (e.g.
     ``"train/y_coarse"``) to arrays stored the same way. Raises OSError when the directory
     cannot be written; no temporary file is left behind.
@@ -56,7 +57,7 @@ def save_hdf5(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
             for key, arr in items:
                 arr = np.ascontiguousarray(arr)
                 chunks = (min(len(arr), max(int(chunk_rows), 1)), *arr.shape[1:]) \
-                    if len(arr) else None
+                    if len(arr) and chunk_rows is not None else None
                 comp = dict(compression="gzip", compression_opts=level, shuffle=True) \
                     if compress and chunks else {}
                 f.create_dataset(key, data=arr, chunks=chunks, track_times=False,
