@@ -147,6 +147,7 @@ def crop_flip(x: np.ndarray, index: np.ndarray, seed: int, epoch: int, padding: 
     src_cols = np.where(mirrored[:, None], cols[::-1][None, :], cols[None, :])
     r = dy[:, None] + rows[None, :]                          # (N, H)
     c = dx[:, None] + src_cols                               # (N, W)
+    # one advanced-indexing gather (measured faster than a flat np.take of the same pixels)
     return padded[np.arange(n)[:, None, None], r[:, :, None], c[:, None, :]]
 
 
@@ -184,4 +185,5 @@ def erase(x: np.ndarray, index: np.ndarray, seed: int, epoch: int, spec: Augment
     in_r = (rows >= top[:, None]) & (rows < (top + h)[:, None])
     in_c = (cols >= left[:, None]) & (cols < (left + w)[:, None])
     mask = in_r[:, :, None] & in_c[:, None, :]
-    x[mask] = x.dtype.type(spec.erase_value)
+    np.copyto(x, x.dtype.type(spec.erase_value), where=mask.reshape(*mask.shape,
+                                                                     *([1] * (x.ndim - 3))))
