@@ -16,7 +16,8 @@ without augmentation (crop 4, flip, erasing), no prefetch: samples/s of the read
 (c) ``wait`` runs a consumer that computes ``--compute-ms`` per batch (repeated float32
 GEMMs, which release the GIL as a real step's BLAS calls do, or ``--compute python``: a
 pure-Python loop that holds it), prefetching the next batch before computing, and prints
-the mean data wait per batch and samples/s of memory and stream, with prefetch on and off.
+the mean data wait per batch and samples/s (from the median time per batch) of memory and
+stream, with prefetch on and off; the two sources take turns in blocks of 10 batches.
 Figures go to stdout as one JSON object per line, and a summary line per case.
 """
 
@@ -197,20 +198,30 @@ def bench_wait(a: argparse.Namespace) -> None:
             mem, stream = sources(path, aug, a.batch)
             sampler = GlobalSampler(len(stream.reader), a.batch, seed=2)
             batches = [sampler.batch(0, i) for i in range(min(a.batches, len(sampler)))]
-            out = {}
-            for name, src in (("memory", mem), ("stream", stream)):
-                waits = []
-                t0 = time.perf_counter()
-                for i, rows in enumerate(batches):
-                    src.get(rows, 0)
-                    waits.append(src.data_wait_seconds)
-                    if prefetch and i + 1 < len(batches):
-                        src.prefetch(batches[i + 1], 0)
-                    compute()
-                total = time.perf_counter() - t0
+            # the two sources take turns in blocks of 10 batches, so that both see the
+            # same machine (it is shared and its load drifts)
+            srcs = {"memory": mem, "stream": stream}
+            waits: dict[str, list[float]] = {k: [] for k in srcs}
+            steps: dict[str, list[float]] = {k: [] for k in srcs}
+            for b0 in range(0, len(batches), 10):
+                for name, src in srcs.items():
+                    block = batches[b0:b0 + 10]
+                    if prefetch:
+                        src.prefetch(block[0], 0)
+                    for i, rows in enumerate(block):
+                        t0 = time.perf_counter()
+                        src.get(rows, 0)
+                        waits[name].append(src.data_wait_seconds)
+                        if prefetch and i + 1 < len(block):
+                            src.prefetch(block[i + 1], 0)
+                        compute()
+                        steps[name].append(time.perf_counter() - t0)
+            for src in srcs.values():
                 src.close()
-                out[name] = {"wait_ms": round(1e3 * float(np.mean(waits[1:])), 3),
-                             "samples_per_s": round(len(batches) * a.batch / total)}
+            out = {name: {"wait_ms": round(1e3 * float(np.mean(waits[name])), 3),
+                          "median_batch_ms": round(1e3 * float(np.median(steps[name])), 3),
+                          "samples_per_s": round(a.batch / float(np.median(steps[name])))}
+                   for name in srcs}
             emit({"bench": "wait", "data": what, "compute": a.compute,
                   "compute_ms": a.compute_ms, "augment": aug, "prefetch": prefetch,
                   "batch": a.batch, **out})

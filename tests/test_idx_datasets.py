@@ -241,3 +241,21 @@ def test_real_fashion_mnist(tmp_path):
     # the pixel statistics every Fashion-MNIST tutorial normalises with
     assert abs(float(s.train.x.mean(dtype=np.float64)) - 0.2860) < 5e-4
     assert abs(float(s.train.x.std(dtype=np.float64)) - 0.3530) < 5e-4
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_trains_on_a_slice_of_real_fashion_mnist(tmp_path):
+    """40 steps of the mlp preset (5,120 training images) already classify most of the
+    10,000 real test images."""
+    from conftest import run_dptrain
+
+    p = run_dptrain(["--dataset", "fashion_mnist", "--model", "mlp", "--epochs", "1",
+                     "--max-steps", "40", "--batch-size", "128", "--optimizer", "adam",
+                     "--lr", "0.001", "--run-dir", str(tmp_path / "run"), "--progress", "off"],
+                    timeout=600, env=child_env(DPTRAIN_CACHE_DIR=str(tmp_path / "cache")))
+    assert p.returncode == 0, p.stderr
+    assert "60000 training samples" in p.stdout
+    line = next(x for x in p.stdout.splitlines() if "test loss" in x)
+    acc = float(line.split("test loss")[1].split("acc")[1].split()[0])
+    assert acc > 0.65, line

@@ -89,3 +89,20 @@ def test_decode_matches_loading_a_whole_uint8_split():
     assert np.array_equal(decode(x[[2, 0]], np.float32), whole[[2, 0]])
     f = np.linspace(-1, 1, 12).reshape(3, 4)
     assert np.array_equal(decode(f, np.float32), f.astype(np.float32))
+
+
+def test_stats_streamed_from_an_hdf5_split(tmp_path):
+    import h5py
+
+    from dptrain.data.h5rows import H5Rows
+
+    x = np.random.default_rng(4).integers(0, 256, (1000, 4, 4, 3), dtype=np.uint8)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["train/x"] = x
+        f["train/y"] = np.zeros(1000, np.int64)
+    with H5Rows(tmp_path / "d.h5") as rows:
+        s = stats_of_rows(rows.read_range, len(rows), chunk_rows=128)
+    ref = x.astype(np.float64) / 255
+    np.testing.assert_allclose(s.mean, ref.mean(axis=(0, 1, 2)), rtol=1e-13)
+    np.testing.assert_allclose(s.std, ref.std(axis=(0, 1, 2)), rtol=1e-12)
+    assert s.count == 1000
