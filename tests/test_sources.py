@@ -32,6 +32,7 @@ LAYOUTS = {
     "gzip-big-chunks": dict(chunks=(256, *SHAPE), compression="gzip", shuffle=True),
     "small-chunks-fletcher": dict(chunks=(8, *SHAPE), fletcher32=True),
     "odd-chunks": dict(chunks=(3, 5, 9, 3)),  # chunks that split samples too
+    "plain-chunks": dict(chunks=(16, *SHAPE)),  # no filter: read directly, chunk by chunk
 }
 
 
@@ -182,20 +183,27 @@ def test_plan_reads_each_chunk_once_and_coalesces():
         assert all(a == rows[lo] and b == rows[hi - 1] + 1 for a, b, lo, hi in spans)
 
 
-def test_reader_counts_its_reads(files):
+def test_reader_counts_its_reads(files, tmp_path):
     paths, x, _ = files
     with H5Rows(paths["gzip-big-chunks"]) as r:  # chunks of 256 rows
         out = np.empty((10, *SHAPE), np.uint8)
         r.read(np.array([600, 10, 11, 12, 250]), out)  # chunk 0 and chunk 2
         assert r.reads == 2
         assert np.array_equal(out[:5], x[[600, 10, 11, 12, 250]])
-    with H5Rows(paths["contiguous"]) as r:
-        r.read(np.array([40, 41, 42, 43, 7]), out)  # 32 rows apart: 8.6 kB, one read
-        assert r.reads == 1
+    with H5Rows(paths["contiguous"]) as r:  # direct reads: one per run of adjacent rows
+        r.read(np.array([40, 41, 42, 43, 7]), out)
+        assert r.reads == 2
         assert np.array_equal(out[:5], x[[40, 41, 42, 43, 7]])
-        r.read(np.array([640, 641, 642, 7]), out)  # 633 rows apart: 171 kB, two reads
+    big_endian = write(tmp_path / "be.h5", x.astype(">i2"), np.zeros(N, np.int64))
+    with H5Rows(big_endian) as r:  # HDF5 reads: runs closer than 64 KiB share a read
+        assert r.direct == [False]
+        wide = np.empty((10, *SHAPE), ">i2")
+        r.read(np.array([40, 41, 42, 43, 7]), wide)  # 32 rows apart: 17 kB, one read
+        assert r.reads == 1
+        assert np.array_equal(wide[:5], x[[40, 41, 42, 43, 7]])
+        r.read(np.array([640, 641, 642, 7]), wide)  # 633 rows apart: 342 kB, two reads
         assert r.reads == 3
-        assert np.array_equal(out[:4], x[[640, 641, 642, 7]])
+        assert np.array_equal(wide[:4], x[[640, 641, 642, 7]])
     with H5Rows(paths["shards"]) as r:  # rows in three shards: three reads at least
         assert len(r) == N and r.num_classes == 10 and len(r.paths_with_split) == 5
         got = r.read_range(0, N)
@@ -203,6 +211,23 @@ def test_reader_counts_its_reads(files):
         shard_of, local = r.locate(np.array([0, 1, 249, 250, 251, 699]))
         assert shard_of.tolist() == [0, 1, 1, 2, 3, 4]
         assert local.tolist() == [0, 0, 248, 0, 0, 99]
+
+
+def test_direct_reads_where_no_filter_and_a_warning_elsewhere(files):
+    paths, x, _ = files
+    expect = {"contiguous": True, "gzip-big-chunks": False, "small-chunks-fletcher": False,
+              "odd-chunks": False, "plain-chunks": True}
+    for name, direct in expect.items():
+        with H5Rows(paths[name]) as r:
+            assert r.direct == [direct], name
+            assert (r.layout_warning() == "") == direct
+            rows = np.array([699, 3, 4, 5, 100, 0, 15, 16, 17, 31, 32])  # across chunk edges
+            assert np.array_equal(r.read(rows, np.empty((11, *SHAPE), np.uint8)), x[rows])
+            assert np.array_equal(r.read_range(10, 60), x[10:60])
+    with H5Rows(paths["gzip-big-chunks"]) as r:
+        assert r.layout_warning().startswith(
+            "gzip-big-chunks.h5: /train/x is gzip-compressed and shuffled in chunks of 256 "
+            "samples (1 of 1 shards), so HDF5 must decode whole chunks")
 
 
 def test_prefetch_is_used_and_keeps_the_current_batch(files):

@@ -5,15 +5,15 @@ directory of ``*.h5`` / ``*.hdf5``, taken in name order; the split is their rows
 after the other, so global index g lives in the shard whose offset range holds it). The
 labels are small and read whole; the inputs are read a batch at a time:
 
-``read(rows, out)`` sorts the wanted rows and plans as few h5py reads as the storage
+``read(rows, out)`` sorts the wanted rows and plans as few read calls as the storage
 allows. In a chunked dataset each chunk is decompressed whole by HDF5 whatever part of
 it is read, so each touched chunk is read once, as the span from its first to its last
 wanted row; spans of consecutive chunks are merged into one read. In a contiguous
 dataset, runs of adjacent rows are read together and runs closer than ``gap_bytes`` are
 merged. A span that is exactly the wanted rows lands straight in ``out``; otherwise it
 goes to a reused scratch buffer and the wanted rows are gathered from there. Memory is
-the batch, the scratch (at most ``span_bytes`` or one chunk) and HDF5's chunk cache, so
-it does not grow with the file.
+the batch, the scratch (at most ``span_bytes`` or one chunk) and HDF5's chunk cache
+(``cache_bytes`` shared by the shards), so it does not grow with the file.
 
 Where a shard's inputs pass through no HDF5 filter (no compression, no checksum) and are
 stored in native byte order, contiguously or in chunks of whole samples, the bytes of a
@@ -99,6 +99,7 @@ class H5Rows:
         import h5py  # noqa: PLC0415
 
         self.paths = shard_paths(source) if not isinstance(source, list) else list(source)
+        cache_bytes = max(int(cache_bytes) // len(self.paths), 1 << 20)
         self.split = split
         self.gap_bytes, self.span_bytes = int(gap_bytes), int(span_bytes)
         self.files: list[Any] = []
@@ -132,9 +133,7 @@ class H5Rows:
         self.dtype = np.dtype(self.xs[0].dtype)
         self.row_bytes = int(np.prod(self.sample_shape, dtype=np.int64)) * self.dtype.itemsize
         self.chunk_rows = [None if x.chunks is None else int(x.chunks[0]) for x in self.xs]
-        biggest = max([c or 1 for c in self.chunk_rows] + [self.span_bytes // self.row_bytes, 1])
         self._scratch = np.empty((0, *self.sample_shape), self.dtype)
-        self._scratch_rows = biggest
         self.reads = 0  # read calls so far (the planner's measure)
         self._fds: list[int | None] = [None] * len(self.xs)
         self._addr: list[np.ndarray | None] = [None] * len(self.xs)
@@ -178,6 +177,30 @@ class H5Rows:
     def direct(self) -> list[bool]:
         """Per shard: whether its rows are read straight from the file."""
         return [fd is not None for fd in self._fds]
+
+    def layout_warning(self) -> str:
+        """"" when every shard is read directly, else one line saying what the layout costs
+        a random batch and how to fix it (for the start line of a streamed run)."""
+        slow = [k for k, fd in enumerate(self._fds) if fd is None]
+        if not slow:
+            return ""
+        x = self.xs[slow[0]]
+        how = []
+        if x.compression:
+            how.append(f"{x.compression}-compressed")
+        if x.fletcher32:
+            how.append("fletcher32-checksummed")
+        if x.shuffle:
+            how.append("shuffled")
+        if not x.dtype.isnative:
+            how.append("in foreign byte order")
+        kind = " and ".join(how) or "stored in chunks that split samples"
+        chunk = f" in chunks of {x.chunks[0]} samples" if x.chunks else ""
+        return (f"{Path(self.files[slow[0]].filename).name}: /{self.split}/x is {kind}{chunk}"
+                f" ({len(slow)} of {len(self.xs)} shards), so HDF5 must decode whole chunks to "
+                "return each streamed row; rewrite it contiguous and uncompressed for fast "
+                "streaming (dptrain.data.writer.save_hdf5(..., chunk_rows=None, "
+                "compress=False))")
 
     @property
     def label(self) -> str:
@@ -352,9 +375,8 @@ class H5Rows:
         return self.read(np.arange(start, stop, dtype=np.int64), out)
 
     def _buffer(self, rows: int) -> np.ndarray:
-        if len(self._scratch) < rows:
-            self._scratch = np.empty((max(rows, self._scratch_rows), *self.sample_shape),
-                                     self.dtype)
+        if len(self._scratch) < rows:  # grows to the longest span read so far
+            self._scratch = np.empty((rows, *self.sample_shape), self.dtype)
         return self._scratch
 
     def close(self) -> None:
