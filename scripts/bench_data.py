@@ -17,7 +17,8 @@ without augmentation (crop 4, flip, erasing), no prefetch: samples/s of the read
 GEMMs, which release the GIL as a real step's BLAS calls do, or ``--compute python``: a
 pure-Python loop that holds it), prefetching the next batch before computing, and prints
 the mean data wait per batch and samples/s (from the median time per batch) of memory and
-stream, with prefetch on and off; the two sources take turns in blocks of 10 batches.
+stream (a prefetch thread, and a worker process: ``dptrain.data.worker``), with prefetch on
+and off; the sources take turns in blocks of 10 batches.
 Figures go to stdout as one JSON object per line, and a summary line per case.
 """
 
@@ -37,6 +38,7 @@ from dptrain.data.normalize import ChannelStats
 from dptrain.data.sampler import GlobalSampler, shard
 from dptrain.data.source import memory_source, stream_source
 from dptrain.data.transform import BatchTransform
+from dptrain.data.worker import ProcessSource
 from dptrain.data.writer import save_hdf5
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -196,11 +198,12 @@ def bench_wait(a: argparse.Namespace) -> None:
     for aug in (False, True):
         for prefetch in (True, False):
             mem, stream = sources(path, aug, a.batch)
+            worker = ProcessSource(path, stream.transform, a.batch)
             sampler = GlobalSampler(len(stream.reader), a.batch, seed=2)
             batches = [sampler.batch(0, i) for i in range(min(a.batches, len(sampler)))]
             # the two sources take turns in blocks of 10 batches, so that both see the
             # same machine (it is shared and its load drifts)
-            srcs = {"memory": mem, "stream": stream}
+            srcs = {"memory": mem, "stream": stream, "stream_process": worker}
             waits: dict[str, list[float]] = {k: [] for k in srcs}
             steps: dict[str, list[float]] = {k: [] for k in srcs}
             for b0 in range(0, len(batches), 10):
@@ -225,11 +228,11 @@ def bench_wait(a: argparse.Namespace) -> None:
             emit({"bench": "wait", "data": what, "compute": a.compute,
                   "compute_ms": a.compute_ms, "augment": aug, "prefetch": prefetch,
                   "batch": a.batch, **out})
-            ratio = out["stream"]["samples_per_s"] / out["memory"]["samples_per_s"]
+            mem_rate = out["memory"]["samples_per_s"]
             print(f"wait (compute {a.compute} {a.compute_ms} ms, augment "
-                  f"{'on' if aug else 'off'}, prefetch {'on' if prefetch else 'off'}): "
-                  f"memory {out['memory']['wait_ms']} ms/batch, stream "
-                  f"{out['stream']['wait_ms']} ms/batch; stream/memory samples/s {ratio:.3f}")
+                  f"{'on' if aug else 'off'}, prefetch {'on' if prefetch else 'off'}): " +
+                  ", ".join(f"{k} {v['wait_ms']} ms/batch ({v['samples_per_s'] / mem_rate:.3f}"
+                            " of memory's samples/s)" for k, v in out.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
