@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..counter_hash import GAMMA, splitmix64, stream_key
 from ..errors import UserError
-from ..nn.dropout import _GAMMA, splitmix64, stream_key
 
 #: tries per sample to draw an erasing rectangle that fits (as torchvision's RandomErasing)
 ERASE_TRIES = 10
@@ -32,7 +32,7 @@ def uniforms(seed: int, epoch: int, op: str, index: np.ndarray, draws: int) -> n
     u = np.uint64
     z = np.asarray(index, dtype=np.uint64).reshape(-1, 1) * u(draws)
     z = z + np.arange(draws, dtype=np.uint64).reshape(1, -1)
-    z *= u(_GAMMA)
+    z *= u(GAMMA)
     z += u(key)
     splitmix64(z)
     return (z >> u(11)).astype(np.float64) * 2.0 ** -53
