@@ -13,17 +13,15 @@ and renamed into place, so OUT is never half-written. Errors print one line; exi
 from __future__ import annotations
 
 import argparse
-import gzip
-import struct
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from dptrain.data import idx
 from dptrain.data.writer import save_hdf5
+from dptrain.errors import UserError
 
-IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
-LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 CLASS_NAMES = {
     "mnist": [str(i) for i in range(10)],
     "fashion": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -48,40 +46,20 @@ def find_file(src: Path, stem: str) -> Path:
     raise PrepareError(f"missing file {src / stem} (or {stem}.gz)")
 
 
-def read_bytes(path: Path) -> bytes:
-    """The decompressed contents of ``path``."""
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """The uint8 array of an IDX file, strictly checked (dptrain.data.idx)."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError) as e:
-        raise PrepareError(f"{path}: cannot read ({e})") from e
-
-
-def read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
-    """The uint8 array of an IDX file, checking its magic number and item count."""
-    data = read_bytes(path)
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise PrepareError(f"{path}: file too short for an IDX header ({len(data)} bytes)")
-    (got,) = struct.unpack(">I", data[:4])
-    if got != magic:
-        raise PrepareError(f"{path}: bad magic number 0x{got:08x}, expected 0x{magic:08x}")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = int(np.prod(dims, dtype=np.int64))
-    if len(data) - header != expected:
-        raise PrepareError(f"{path}: header says {dims[0]} items of shape {dims[1:]} "
-                           f"({expected} bytes) but the file holds {len(data) - header} bytes")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+        return idx.read_idx(path, ndim)
+    except UserError as e:
+        raise PrepareError(str(e)) from None
 
 
 def read_split(src: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28, 28, 1) uint8 and labels (N,) int64 of one split."""
     img_path = find_file(src, f"{prefix}-images-idx3-ubyte")
     lbl_path = find_file(src, f"{prefix}-labels-idx1-ubyte")
-    images = read_idx(img_path, IMAGES_MAGIC, 3)
-    labels = read_idx(lbl_path, LABELS_MAGIC, 1)
+    images = read_idx(img_path, 3)
+    labels = read_idx(lbl_path, 1)
     if images.shape[0] != labels.shape[0]:
         raise PrepareError(f"count mismatch: {img_path.name} has {images.shape[0]} images but "
                            f"{lbl_path.name} has {labels.shape[0]} labels")

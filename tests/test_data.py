@@ -162,8 +162,8 @@ def test_error_missing_file(tmp_path):
 
 
 def test_error_unknown_source():
-    with pytest.raises(UserError, match="unknown dataset 'mnist'"):
-        load_dataset("mnist")
+    with pytest.raises(UserError, match="unknown dataset 'imagenet'"):
+        load_dataset("imagenet")
 
 
 def test_error_not_hdf5(tmp_path):

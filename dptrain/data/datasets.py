@@ -2,8 +2,10 @@
 
 ``load_dataset(source)`` takes ``"digits"`` (the packaged UCI 8x8 digits, 1,437 train /
 360 test), ``"synthetic"`` (random inputs labelled by a fixed random linear teacher, so
-they are learnable; 20% test; deterministic from the seed) or a path to a file in one of
-these formats:
+they are learnable; 20% test; deterministic from the seed), ``"fashion_mnist"``,
+``"mnist"`` or ``"kmnist"`` (IDX files found in ``data_dir`` or the system's directory
+and converted once to HDF5 in a cache: see ``idx_datasets``) or a path to a file in one
+of these formats:
 
 HDF5 (``.h5`` / ``.hdf5``)::
 
@@ -36,6 +38,7 @@ import numpy as np
 from ..errors import UserError
 
 BUILTIN = ("digits", "synthetic")
+IDX_NAMES = ("fashion_mnist", "mnist", "kmnist")
 H5_SUFFIXES = (".h5", ".hdf5")
 NPZ_SUFFIXES = (".npz",)
 CLASS_LOSSES = ("cross_entropy", "cross_entropy_probs", "mse")
@@ -79,21 +82,31 @@ class DataSplits:
 
 def load_dataset(source: str, *, dtype: Any = "float32", seed: int = 0,
                  synthetic_shape: tuple[int, ...] = (28, 28, 1), synthetic_classes: int = 10,
-                 synthetic_samples: int = 2048) -> DataSplits:
-    """Load ``source`` ("digits", "synthetic" or an .h5/.hdf5/.npz path) into host arrays.
+                 synthetic_samples: int = 2048, data_dir: str | Path | None = None,
+                 cache_dir: str | Path | None = None) -> DataSplits:
+    """Load ``source`` ("digits", "synthetic", "fashion_mnist", "mnist", "kmnist" or an
+    .h5/.hdf5/.npz path) into host arrays. ``data_dir`` is where the IDX files of the
+    MNIST family are (default: the system's), ``cache_dir`` where their HDF5 goes.
 
     ``x`` comes back C-contiguous in ``dtype``; ``y`` as int64 labels or ``dtype`` targets.
     """
     dt = _float_dtype(dtype)
     if source == "digits":
         return _load_digits(dt)
+    if source in IDX_NAMES:
+        from .idx_datasets import cached_h5  # noqa: PLC0415
+
+        splits = _load_h5(cached_h5(source, data_dir, cache_dir), source, dt)
+        splits.name = source
+        return splits
     if source == "synthetic":
         return _synthetic(dt, seed, synthetic_shape, synthetic_classes, synthetic_samples)
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix not in H5_SUFFIXES + NPZ_SUFFIXES:
-        raise UserError(f"unknown dataset {source!r}: expected 'digits', 'synthetic' "
-                        "or a path to a .h5, .hdf5 or .npz file")
+        raise UserError(f"unknown dataset {source!r}: expected 'digits', 'synthetic', "
+                        "'fashion_mnist', 'mnist', 'kmnist' or a path to a .h5, .hdf5 or "
+                        ".npz file")
     if not path.exists():
         raise UserError(f"dataset file not found: {source}")
     if not path.is_file():

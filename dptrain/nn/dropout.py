@@ -15,38 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ..counter_hash import GAMMA, splitmix64, stream_key
 from .base import Context, Layer, register
-
-_MASK64 = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15
-_M1 = 0xBF58476D1CE4E5B9
-_M2 = 0x94D049BB133111EB
-
-
-def splitmix64_int(z: int) -> int:
-    """The splitmix64 finaliser on one Python int (host side key derivation)."""
-    z &= _MASK64
-    z = ((z ^ (z >> 30)) * _M1) & _MASK64
-    z = ((z ^ (z >> 27)) * _M2) & _MASK64
-    return z ^ (z >> 31)
-
-
-def splitmix64(z: Any) -> Any:
-    """The splitmix64 finaliser on a uint64 array, in place (wrapping arithmetic)."""
-    u = np.uint64
-    z ^= z >> u(30)
-    z *= u(_M1)
-    z ^= z >> u(27)
-    z *= u(_M2)
-    z ^= z >> u(31)
-    return z
-
-
-def stream_key(seed: int, epoch: int, salt: int) -> int:
-    """A 64-bit key for one (seed, epoch, layer) stream."""
-    k = splitmix64_int(int(seed) + _GAMMA)
-    k = splitmix64_int(k ^ ((int(epoch) + 1) * _GAMMA))
-    return splitmix64_int(k ^ ((int(salt) + 1) * _M1))
 
 
 def keep_mask(xp: Any, key: int, sample_index: Any, per_sample: int, rate: float) -> Any:
@@ -55,7 +25,7 @@ def keep_mask(xp: Any, key: int, sample_index: Any, per_sample: int, rate: float
     u = np.uint64
     idx = xp.asarray(sample_index, dtype=np.uint64).reshape(-1, 1)
     z = idx * u(per_sample) + xp.arange(per_sample, dtype=np.uint64).reshape(1, -1)
-    z *= u(_GAMMA)  # splitmix64: state = key + counter * gamma, output = mix(state)
+    z *= u(GAMMA)  # splitmix64: state = key + counter * gamma, output = mix(state)
     z += u(key)
     splitmix64(z)
     threshold = u(math.ceil(rate * 2.0 ** 53))
