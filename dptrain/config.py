@@ -34,7 +34,8 @@ class Config:
     """Everything a training run needs; ``resolved()`` is what the run directory records."""
 
     # model
-    model: str = _f("cnn", "model preset (mlp | cnn); ignored when `layers` is given")
+    model: str = _f("cnn", "model preset (mlp | cnn | resnet20 | resnet56 | resnet18 | vgg11); "
+                           "ignored when `layers` is given")
     layers: list = _f([], "custom model: list of layer specs, e.g. "
                           "[{type='dense', units=64}, {type='relu'}] (config file only)")
     dtype: str = _f("float32", "floating-point type of parameters and data",

@@ -213,7 +213,7 @@ class Trainer:
         """BatchNorm with sync=false normalises each rank's own samples: every rank that
         holds samples needs at least two values per channel, or its statistics are void."""
         share = max(1, self.micro_batch // self.world)  # smallest non-empty share of a batch
-        for layer in self.model.layers:
+        for layer in self.model.leaf_layers():
             if getattr(layer, "kind", "") != "batchnorm" or layer.sync:
                 continue
             per_channel = share * math.prod(layer.in_shape[:-1])
