@@ -34,13 +34,13 @@ from .chain import Chain
 from .dense import positive_int
 
 
-def _path(items: Any, what: str) -> Chain:
-    """A chain from a list of layers or layer specs (``what`` names it in errors)."""
+def _path(items: Any, option: str, block: str) -> Chain:
+    """A chain from a list of layers or layer specs, the value of ``block``'s ``option``."""
     if not isinstance(items, (list, tuple)):
-        raise ValueError(f"{what} must be a list of layers, not {items!r}")
+        raise ValueError(f"{option} must be a list of layers, not {items!r}")
     layers = []
     for i, item in enumerate(items):
-        with located(f"{what}[{i}]"):
+        with located(f"{block} {option}[{i}]"):
             layers.append(as_layer(item))
     return Chain(layers)
 
@@ -192,7 +192,7 @@ def _branch_list(branches: Any, kind: str) -> list[Chain]:
     if not isinstance(branches, (list, tuple)) or len(branches) < 2:
         raise ValueError(f"branches must be a list of at least two lists of layers, not "
                          f"{branches!r}")
-    return [_path(b, f"{kind} branches[{i}]") for i, b in enumerate(branches)]
+    return [_path(b, f"branches[{i}]", kind) for i, b in enumerate(branches)]
 
 
 @register
@@ -202,7 +202,7 @@ class Residual(Branches):
     kind = "residual"
 
     def __init__(self, main: list[Any], shortcut: list[Any] | tuple[Any, ...] = ()) -> None:
-        chains = [_path(main, "residual main"), _path(shortcut, "residual shortcut")]
+        chains = [_path(main, "main", self.kind), _path(shortcut, "shortcut", self.kind)]
         if not chains[0].layers:
             raise ValueError("main must hold at least one layer")
         super().__init__(chains, ["main", "shortcut"])
@@ -236,6 +236,10 @@ class Concat(Add):
     merge = "concat"
 
 
+#: copies a repeat may hold (a ResNet-1202 stage has 200): more is a typo, not a model
+MAX_REPEAT = 10_000
+
+
 @register
 class Repeat(Block):
     """``n`` copies of a layer, or of a list of layers, one after another; every copy is
@@ -246,15 +250,17 @@ class Repeat(Block):
     def __init__(self, n: int, block: Any) -> None:
         super().__init__()
         self.n = positive_int("n", n)
+        if self.n > MAX_REPEAT:
+            raise ValueError(f"n must be at most {MAX_REPEAT:,} copies, not {n!r}")
         items = block if isinstance(block, (list, tuple)) else [block]
         if not items:
             raise ValueError("block must be a layer or a non-empty list of layers")
-        first = _path(items, "repeat block")
+        first = _path(items, "block", self.kind)
         self._block = [layer.spec() for layer in first.layers]
         self._as_list = isinstance(block, (list, tuple))
         copies = list(first.layers)
         for _ in range(self.n - 1):
-            copies += _path(self._block, "repeat block").layers
+            copies += _path(self._block, "block", self.kind).layers
         self._chain = Chain(copies)
 
     def options(self) -> dict[str, Any]:

@@ -45,6 +45,16 @@ class _Pool(Window):
         Ho, Wo = self._window_shape(in_shape)
         return (Ho, Wo, in_shape[2])
 
+    def activation_bytes(self, batch: int) -> int:
+        """Result, input gradient, and the padded input and padded gradient; max pooling
+        adds a one-byte argmax per result (a scratch that average pooling's gradient
+        matches)."""
+        H, W, _, _, pt, pb, pl, pr = self._geo
+        padded = batch * (H + pt + pb) * (W + pl + pr) * self.in_shape[2] \
+            if any(self._geo[4:]) else 0
+        return super().activation_bytes(batch) + 2 * padded * np.dtype(self.dtype).itemsize \
+            + batch * int(np.prod(self.out_shape))
+
 
 @register
 class MaxPool2D(_Pool):
