@@ -84,7 +84,7 @@ def multiply_adds(model: nn.Module, shape: tuple[int, ...]) -> int:
             m.register_forward_hook(conv)
         elif isinstance(m, nn.Linear):
             m.register_forward_hook(linear)
-    model.eval()
+    model.train(False)  # evaluation mode
     with torch.no_grad():
         model(torch.zeros(1, *shape))
     return total[0]

@@ -108,6 +108,8 @@ class Branches(Block):
 
     #: "sum" or "concat"
     merge: ClassVar[str] = "sum"
+    #: what to do when the paths' shapes differ (residual blocks say)
+    shape_hint: ClassVar[str] = ""
 
     def __init__(self, chains: list[Chain], names: list[str]) -> None:
         super().__init__()
@@ -125,11 +127,8 @@ class Branches(Block):
                                                                     strict=True))
         if self.merge == "sum":
             if any(shape != outs[0] for shape in outs):
-                raise UserError(
-                    f"layer {self.name or self.kind}: its paths give shapes {shown}; to be "
-                    "added they must be equal (where the main path changes the shape, give "
-                    "the shortcut a 1x1 conv2d with the same stride and filters, and a "
-                    "batchnorm)")
+                raise UserError(f"layer {self.name or self.kind}: its paths give shapes "
+                                f"{shown}; to be added they must be equal{self.shape_hint}")
             return outs[0]
         if any(len(s) != len(outs[0]) or s[:-1] != outs[0][:-1] for s in outs):
             raise UserError(
@@ -200,6 +199,8 @@ class Residual(Branches):
     """main(x) + shortcut(x); an empty shortcut (the default) is the identity."""
 
     kind = "residual"
+    shape_hint = (" (where the main path changes the shape, give the shortcut a 1x1 conv2d "
+                  "with the same stride and filters, and a batchnorm)")
 
     def __init__(self, main: list[Any], shortcut: list[Any] | tuple[Any, ...] = ()) -> None:
         chains = [_path(main, "main", self.kind), _path(shortcut, "shortcut", self.kind)]

@@ -204,7 +204,7 @@ class Sequential:
         try:
             layers = [layer_from_spec(dict(s)) for s in spec["layers"]]
             shape = tuple(spec["input_shape"])
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"model spec is malformed: {e}") from None
         return cls(layers, shape, dtype or spec.get("dtype", "float32"), xp)
 
