@@ -187,13 +187,10 @@ def cmd_inspect(args: argparse.Namespace, run: _Run) -> int:
         print(f"  optimizer: {ck.optimizer_name}, step {ck.optimizer_step}, state "
               f"{', '.join(sorted(ck.optimizer_state)) or 'none'}")
     print(f"  input shape {tuple(ck.architecture.get('input_shape', []))}")
-    counts: dict[str, int] = {}
-    for (layer, _), a in ck.params.items():
-        counts[layer] = counts.get(layer, 0) + a.size
-    for i, spec in enumerate(ck.architecture.get("layers", [])):
-        name = f"{i:02d}_{spec.get('type')}"
-        opts = {k: v for k, v in spec.items() if k != "type"}
-        print(f"  {name:<16} {json.dumps(opts):<60} {counts.get(name, 0):>10,}")
+    from .nn import architecture_table  # noqa: PLC0415
+
+    for line in architecture_table(ck.architecture):  # every layer, inside blocks too
+        print(f"  {line}")
     print(f"  checksums: file SHA-256 ok, {ck.datasets} datasets with fletcher32 verified")
     return 0
 

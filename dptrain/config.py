@@ -92,8 +92,8 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
 class ModelConfig:
     """What is trained: the architecture, its number type and its loss."""
 
-    model: str = opt("cnn", "model preset; ignored when `layers` is given "
-                            "(`python -m dptrain --help` lists the presets)")
+    model: str = opt("cnn", "model preset: mlp, cnn, resnet20, resnet56, resnet18 or vgg11 "
+                            "(sized from the data); ignored when `layers` is given")
     layers: tuple = opt((), "custom model: a list of layer specs, in a config file or as JSON "
                             "on the command line, e.g. "
                             "'[{\"type\": \"flatten\"}, {\"type\": \"dense\", \"units\": 10}]'",

@@ -116,9 +116,14 @@ class _Runtime(_Recorded):
         self._current = 0
         self._streams: list[Stream] = []
         self._lazy_events = False  # Event.done stays False until someone waits for it
+        self._memory = (16 << 30, 16 << 30)  # (free, total) bytes of every device
 
     def getDeviceCount(self) -> int:  # noqa: N802  (CuPy's name)
         return self._n_devices
+
+    def memGetInfo(self) -> tuple[int, int]:  # noqa: N802
+        """(free, total) bytes of the current device."""
+        return self._memory
 
     def deviceSynchronize(self) -> None:  # noqa: N802
         for s in list(self._streams):
@@ -129,12 +134,14 @@ _rt = _Runtime()
 
 
 def configure(devices: int = 1, pci_bus_ids: list[str] | None = None,
-              lazy_events: bool = False) -> None:
+              lazy_events: bool = False, free_bytes: int = 16 << 30) -> None:
     """Pretend ``devices`` GPUs are visible (0 = none); resets the current device to 0.
 
     ``lazy_events``: a GPU that is always behind, so ``Event.done`` is False until the
     host waits for the event (otherwise work completes as soon as anyone looks).
+    ``free_bytes``: what ``cuda.runtime.memGetInfo`` reports free (of 16 GiB or more).
     """
+    _rt._memory = (int(free_bytes), max(int(free_bytes), 16 << 30))
     _rt._lazy_events = bool(lazy_events)
     _rt._n_devices = int(devices)
     _rt._pci_bus_ids = list(pci_bus_ids or [f"0000:{i + 1:02x}:00.0" for i in range(devices)])

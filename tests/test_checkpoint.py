@@ -260,7 +260,7 @@ def test_inspect_a_good_file(good: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert f"{model.num_params:,} parameters" in out
     assert "epoch 1 (+150 samples), step 32, 1,587 samples seen, best metric 0.8750" in out
     assert "optimizer: adam, step 3, state exp_avg, exp_avg_sq" in out
-    assert re.search(r"01_dense +\{.*\"units\": 24.*\} +1,560\n", out), out
+    assert re.search(r"01_dense +\{.*\"units\": 24.*\} +1,560 +3,072\n", out), out  # FLOPs
     assert "checksums: file SHA-256 ok, 21 datasets with fletcher32 verified" in out
     assert cli.main(["inspect", "--json", str(good)]) == 0
     doc = json.loads(capsys.readouterr().out)

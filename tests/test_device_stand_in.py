@@ -123,6 +123,27 @@ KITCHEN_SINK = [
     {"type": "dense", "units": 5}]
 
 
+#: blocks: a projection residual, ReLU fused into max pooling inside a path, a
+#: concatenation with an identity branch, a repeat, global average pooling
+BLOCKS = [
+    {"type": "conv2d", "filters": 4, "kernel": 3, "padding": 1, "bias": False},
+    {"type": "batchnorm", "sync": True}, {"type": "relu"},
+    {"type": "residual", "main": [
+        {"type": "conv2d", "filters": 6, "kernel": 3, "stride": 2, "padding": 1},
+        {"type": "relu"}, {"type": "maxpool2d", "pool": 3, "stride": 1, "padding": "same"},
+        {"type": "conv2d", "filters": 6, "kernel": 3, "padding": 1, "bias": False},
+        {"type": "batchnorm", "sync": True}],
+     "shortcut": [{"type": "conv2d", "filters": 6, "kernel": 1, "stride": 2, "bias": False},
+                  {"type": "batchnorm"}]},
+    {"type": "repeat", "n": 2, "block": [
+        {"type": "concat", "branches": [[{"type": "conv2d", "filters": 2, "kernel": 1}],
+                                        [{"type": "identity"}]]},
+        {"type": "residual", "main": [{"type": "conv2d", "filters": 8, "kernel": 3,
+                                       "padding": 1}, {"type": "tanh"}]},
+        {"type": "conv2d", "filters": 6, "kernel": 1}]},
+    {"type": "global_avgpool2d"}, {"type": "dense", "units": 5}]
+
+
 def _pass(xp, layers, loss_name, x, y, accumulate_twice=False):
     """Forward, loss, backward (twice with accumulation) on ``xp``; host results."""
     model = Sequential([layer_from_spec(dict(s)) for s in layers], x.shape[1:], "float64", xp)
@@ -157,6 +178,17 @@ def test_every_layer_and_loss_on_the_stand_in_matches_numpy(sxp, loss_name, soft
     for a, b in zip(ref, got, strict=True):
         np.testing.assert_array_equal(a, b)
     assert sx.stats["pageable_async"] == 0
+
+
+def test_block_model_on_the_stand_in_matches_numpy(sxp):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 8, 8, 2))
+    y = rng.integers(0, 5, size=5)
+    ref = _pass(np, BLOCKS, "cross_entropy", x, y, accumulate_twice=True)
+    got = _pass(sx, BLOCKS, "cross_entropy", x, y, accumulate_twice=True)
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(ref[-2]).max() > 0 and sx.stats["pageable_async"] == 0
 
 
 @pytest.mark.parametrize("name,kw", [
@@ -388,7 +420,9 @@ def _reduced(t, meter):
     {"type": "conv2d", "filters": 4, "kernel": 3}, {"type": "batchnorm", "sync": True},
     {"type": "relu"}, {"type": "maxpool2d", "pool": 2}, {"type": "flatten"},
     {"type": "dropout", "rate": 0.25}, {"type": "dense", "units": 10}],
-    "accum_steps": 2, "optimizer": "sgd", "clip_norm": 0.5}])
+    "accum_steps": 2, "optimizer": "sgd", "clip_norm": 0.5},
+    {"layers": [*BLOCKS[:-1], {"type": "dense", "units": 10}], "optimizer": "sgd"}],
+    ids=["mlp", "conv", "blocks"])
 def test_trainer_steps_move_only_the_batch_and_one_scalar(sxp, tmp_path, kw):
     cpu, gpu = _trainer(tmp_path, "cpu", "c", **kw), _trainer(tmp_path, "gpu", "g", **kw)
     assert gpu.backend.is_gpu and gpu.model.params.device.id == 0
@@ -596,6 +630,7 @@ def test_every_cupy_name_dptrain_uses_exists_in_the_real_cupy(sxp, tmp_path, cap
                                ("mse", False)):
         _pass(sx, KITCHEN_SINK + ([{"type": "softmax"}] if softmax else []), loss_name, x, y,
               accumulate_twice=True)
+    _pass(sx, BLOCKS, "cross_entropy", rng.normal(size=(4, 8, 8, 2)), y, accumulate_twice=True)
     for name, kw in (("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
                      ("adamw", {"weight_decay": 0.1})):
         params, g = sx.asarray(rng.normal(size=20)), sx.asarray(rng.normal(size=20))

@@ -1,5 +1,5 @@
-"""Shape-preserving element-wise layers (ReLU, leaky ReLU, tanh, sigmoid), softmax over
-the last axis, and flatten."""
+"""Shape-preserving element-wise layers (identity, ReLU, leaky ReLU, tanh, sigmoid),
+softmax over the last axis, and flatten."""
 
 from __future__ import annotations
 
@@ -28,6 +28,25 @@ class Flatten(Layer):
             return None
         return dy.reshape(dy.shape[0], *self.in_shape)
 
+    def activation_bytes(self, batch: int) -> int:
+        return 0  # views of its input and of its output gradient
+
+
+@register
+class Identity(Layer):
+    """Passes its input through (e.g. as a placeholder in a branch of a block)."""
+
+    kind = "identity"
+
+    def forward(self, x: Any, ctx: Context) -> Any:
+        return x
+
+    def backward(self, dy: Any, ctx: Context, need_dx: bool = True) -> Any:
+        return dy if need_dx else None
+
+    def activation_bytes(self, batch: int) -> int:
+        return 0
+
 
 @register
 class ReLU(Layer):
@@ -51,6 +70,11 @@ class ReLU(Layer):
         if self.deferred:
             return dy
         return ctx.xp.multiply(dy, self._mask, out=self._out("dx", dy.shape, dy.dtype, ctx))
+
+    def activation_bytes(self, batch: int) -> int:
+        if self.deferred:
+            return 0
+        return super().activation_bytes(batch) + batch * math.prod(self.in_shape)  # mask
 
 
 @register

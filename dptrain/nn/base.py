@@ -8,8 +8,12 @@ plain ``allreduce_sum`` callable through the context.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar
@@ -49,6 +53,10 @@ class Context:
     #: called as ``hook(phase, layer_name, t_start, t_end)`` around every layer's forward
     #: and backward when set (a timeline); unset, it costs one test per layer
     layer_hook: Callable[[str, str, float, float], None] | None = None
+    #: set by the model for one pass: runs each layer (``forward(layer, x, ctx)``,
+    #: ``backward(layer, dy, ctx, need_dx)``) with the model's timing, finite checks and
+    #: gradient-ready notices; blocks run their layers through it too
+    hooks: Any = None
 
     def reduce(self, a: Any) -> Any:
         """Sum ``a`` over ranks (in place where possible) and return it."""
@@ -61,6 +69,8 @@ class Layer:
     kind: ClassVar[str] = ""
     #: parameter names excluded from weight decay when the user asks for that
     no_decay: ClassVar[frozenset[str]] = frozenset()
+    #: a layer made of layers (see blocks.py): the model binds its leaves, not the block
+    is_block: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.name = ""
@@ -113,6 +123,23 @@ class Layer:
         """Forward floating-point operations per sample (multiply-add = 2)."""
         return 0
 
+    def activation_bytes(self, batch: int) -> int:
+        """Bytes this layer keeps for a training step on ``batch`` samples: by default its
+        result and its input gradient (layers with caches or scratch add theirs). An
+        estimate for memory checks, not an accounting."""
+        return batch * (math.prod(self.out_shape) + math.prod(self.in_shape)) \
+            * np.dtype(self.dtype).itemsize
+
+    # -- structure ---------------------------------------------------------------
+    def leaves(self) -> Iterator[Layer]:
+        """The layers without layers inside, in forward order: this one (blocks yield
+        theirs)."""
+        yield self
+
+    def backward_leaves(self) -> list[Layer]:
+        """The leaves in the order backward runs them: the order of the flat buffers."""
+        return [self]
+
     # -- computation -------------------------------------------------------------
     def forward(self, x: Any, ctx: Context) -> Any:
         raise NotImplementedError
@@ -163,6 +190,9 @@ class Layer:
 
 LAYERS: dict[str, type[Layer]] = {}
 
+#: where in a nested spec the layer being built sits (e.g. "residual main[1]")
+_LOCATION: ContextVar[tuple[str, ...]] = ContextVar("layer_location", default=())
+
 
 def register(cls: type[Layer]) -> type[Layer]:
     """Class decorator: make a layer buildable from a spec ``{"type": cls.kind, ...}``."""
@@ -170,18 +200,66 @@ def register(cls: type[Layer]) -> type[Layer]:
     return cls
 
 
+@contextlib.contextmanager
+def located(where: str) -> Iterator[None]:
+    """Name the place in a nested spec for errors of the layers built inside (blocks)."""
+    token = _LOCATION.set((*_LOCATION.get(), where))
+    try:
+        yield
+    finally:
+        _LOCATION.reset(token)
+
+
+def _where() -> str:
+    loc = _LOCATION.get()
+    return f" (in {' > '.join(loc)})" if loc else ""
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+def _check_options(kind: str, cls: type[Layer], opts: dict[str, Any]) -> None:
+    """Unknown and missing options, named in the user's words (not Python's)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in opts:
+        if key not in names:
+            hint = _suggest(str(key), names) or (f"its options: {', '.join(names)}" if names
+                                                 else "it takes no options")
+            raise UserError(f"layer {kind!r}{_where()} has no option {key!r} ({hint})")
+    for p in params:
+        if p.default is p.empty and p.kind is not p.VAR_POSITIONAL and p.name not in opts:
+            raise UserError(f"layer {kind!r}{_where()} needs option {p.name!r}")
+
+
+def as_layer(item: Any) -> Layer:
+    """A layer given as itself (the Python API) or as its spec (config data)."""
+    if isinstance(item, Layer):
+        return item
+    if isinstance(item, dict):
+        return layer_from_spec(item)
+    raise UserError(f"a layer must be a table like {{type = \"relu\"}}{_where()}, "
+                    f"not {item!r}")
+
+
 def layer_from_spec(spec: dict[str, Any]) -> Layer:
-    """Build a layer from its spec, with one-line errors for unknown types or options."""
+    """Build a layer (or a block, with the layers inside it) from its spec: plain data,
+    nothing executes. Every mistake is a one-line UserError in the spec's own terms."""
     if not isinstance(spec, dict) or "type" not in spec:
-        raise UserError(f"a layer spec needs a 'type' key: {spec!r}")
+        raise UserError(f"a layer spec needs a 'type' key{_where()}: {spec!r}")
     opts = dict(spec)
     kind = str(opts.pop("type")).lower()
     cls = LAYERS.get(kind)
     if cls is None:
-        raise UserError(f"unknown layer type {kind!r}; known: {', '.join(sorted(LAYERS))}")
+        hint = _suggest(kind, list(LAYERS))
+        raise UserError(f"unknown layer type {kind!r}{_where()}"
+                        f"{' (' + hint + ')' if hint else ''}; known: {', '.join(sorted(LAYERS))}")
+    _check_options(kind, cls, opts)
     try:
         return cls(**opts)
-    except TypeError as e:
-        raise UserError(f"layer {kind!r}: {e}") from None
-    except ValueError as e:
-        raise UserError(f"layer {kind!r}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"layer {kind!r}{_where()}: {e}") from None

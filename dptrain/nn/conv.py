@@ -220,6 +220,25 @@ class Conv2D(Window):
         Ho, Wo, F = self.out_shape
         return 2 * Ho * Wo * self._k * F
 
+    def activation_bytes(self, batch: int) -> int:
+        """Result, padded input, a chunk of the column matrix, and what the input gradient
+        needs (its own buffer, and the padded output gradient, its columns and the flipped
+        kernel, or the padded input gradient)."""
+        it = np.dtype(self.dtype).itemsize
+        H, W, Ho, Wo, pt, pb, pl, pr = self._geo
+        (kh, kw), C, F, K = self.kernel_hw, self.in_shape[2], self.filters, self._k
+        padded = batch * (H + pt + pb) * (W + pl + pr) * C if any(self._geo[4:]) else 0
+        n = batch * Ho * Wo * F + batch * H * W * C + padded
+        if self._direct():
+            return n * it
+        n += self._chunk(batch, Ho * Wo * (K + F) * it) * Ho * Wo * K
+        if self._transposable():  # and the flipped kernel
+            n += batch * (H + kh - 1) * (W + kw - 1) * F + K * F \
+                + self._chunk(batch, H * W * (kh * kw * F + C) * it) * H * W * kh * kw * F
+        else:
+            n += padded + self._chunk(batch, Ho * Wo * (K + F) * it) * Ho * Wo * K
+        return n * it
+
     #: bytes of one chunk of the column matrix together with the rows of the GEMM's other
     #: side that it meets (the output, or the output gradient): im2col, the GEMM and the
     #: bias then run in the CPU's cache (a whole batch's column matrix is tens of MB for a

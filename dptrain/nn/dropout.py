@@ -50,6 +50,11 @@ class Dropout(Layer):
     def options(self) -> dict[str, Any]:
         return {"rate": self.rate}
 
+    def activation_bytes(self, batch: int) -> int:
+        # mask, result and input gradient, and the 64-bit hashes the mask is drawn from
+        n = batch * int(np.prod(self.in_shape, dtype=np.int64))
+        return n * (3 * np.dtype(self.dtype).itemsize + 9)
+
     def salt(self) -> int:
         """Per-layer salt, stable across processes (crc32 of the layer name)."""
         return zlib.crc32(self.name.encode("utf-8"))

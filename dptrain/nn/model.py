@@ -1,9 +1,10 @@
 """Sequential model over one flat parameter buffer and one flat gradient buffer.
 
-Each layer's parameters and gradients are views into the model's flat buffers, laid out
-in *reverse* layer order: backward produces gradients from the last layer to the first,
-so the gradient buffer fills from offset 0 upwards and a bucket of it is complete as soon
-as backward has passed the layers it covers (see dist/sync.py).
+The model is a chain of layers, some of which may be blocks (blocks.py) holding chains
+of their own. Each leaf layer's parameters and gradients are views into the model's flat
+buffers, laid out in the order backward runs the leaves (for a plain stack: *reverse*
+layer order), so the gradient buffer fills from offset 0 upwards and a bucket of it is
+complete as soon as backward has passed the layers it covers (see dist/sync.py).
 
 Inside a model the layers write their results into buffers they keep across steps
 (``Context.reuse``), so a training step allocates no large arrays; ``forward`` hands
@@ -24,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .activations import ReLU
 from .base import Context, Layer, Shape, layer_from_spec
-from .pool import MaxPool2D
+from .chain import Chain
+from .memory import check_model_fits
+from .summary import summary_table
 
 
 class NonFiniteError(FloatingPointError):
@@ -51,14 +53,62 @@ class Slot:
         return self.offset + self.size
 
 
-def _layout(layers: list[Layer], shapes_of: Callable[[Layer], dict[str, Shape]]) -> list[Slot]:
+def _layout(order: list[Layer], shapes_of: Callable[[Layer], dict[str, Shape]]) -> list[Slot]:
+    """Slots of the leaves' arrays, one after another in ``order`` (backward's)."""
     slots, offset = [], 0
-    for layer in reversed(layers):
+    for layer in order:
         for name, shape in shapes_of(layer).items():
             slot = Slot(layer.name, name, offset, tuple(shape))
             slots.append(slot)
             offset = slot.end
     return slots
+
+
+#: ``hook(phase, layer_name, t_start, t_end)``, phase "forward" or "backward"
+LayerHook = Callable[[str, str, float, float], None]
+
+
+@dataclass
+class PassHooks:
+    """What the model does around each leaf layer of one pass (``Context.hooks``): time it
+    for a timeline, check its results are finite, announce finished gradients."""
+
+    layer_hook: LayerHook | None = None
+    check_finite: bool = False
+    on_ready: Callable[[int], None] | None = None
+    #: leaf name -> end of its gradients in the flat buffer (leaves with parameters)
+    ends: dict[str, int] | None = None
+
+    def forward(self, layer: Layer, x: Any, ctx: Context) -> Any:
+        if layer.is_block:
+            return layer.forward(x, ctx)
+        hook = self.layer_hook
+        t0 = time.perf_counter() if hook is not None else 0.0
+        y = layer.forward(x, ctx)
+        if hook is not None:
+            hook("forward", layer.name, t0, time.perf_counter())
+        if self.check_finite and not bool(ctx.xp.isfinite(y).all()):
+            raise NonFiniteError(f"layer {layer.name} produced non-finite values")
+        return y
+
+    def backward(self, layer: Layer, dy: Any, ctx: Context, need_dx: bool) -> Any:
+        if layer.is_block:
+            return layer.backward(dy, ctx, need_dx)
+        hook = self.layer_hook
+        t0 = time.perf_counter() if hook is not None else 0.0
+        d = layer.backward(dy, ctx, need_dx)
+        if hook is not None:
+            hook("backward", layer.name, t0, time.perf_counter())
+        if self.check_finite:
+            for name, g in layer.grads.items():
+                if not bool(ctx.xp.isfinite(g).all()):
+                    raise NonFiniteError(
+                        f"layer {layer.name} produced a non-finite gradient for {name}")
+        if self.on_ready is not None and self.ends is not None:
+            end = self.ends.get(layer.name)
+            if end is not None:
+                self.on_ready(end)
+        return d
 
 
 class Sequential:
@@ -77,26 +127,31 @@ class Sequential:
         if self.dtype not in (np.float32, np.float64):
             raise UserError(f"dtype must be float32 or float64, not {self.dtype}")
         self.xp = xp
-        shape = self.input_shape
-        for i, layer in enumerate(layers):
-            layer.name = f"{i:02d}_{layer.kind}"
-            shape = layer.build(shape, self.dtype)
-        self.output_shape = shape
-        for a, b in zip(layers[:-1], layers[1:], strict=True):
-            if isinstance(a, ReLU) and isinstance(b, MaxPool2D):
-                a.deferred = b.relu_first = True
-        self.param_slots = _layout(layers, lambda layer: layer.param_shapes())
-        self.state_slots = _layout(layers, lambda layer: layer.state_shapes())
+        self._chain = Chain(layers)
+        self.output_shape = self._chain.build("", self.input_shape, self.dtype)
+        self._leaves = list(self._chain.leaves())
+        order = self._chain.backward_leaves()
+        check_model_fits(self._leaves, self.dtype, xp)
+        self.param_slots = _layout(order, lambda layer: layer.param_shapes())
+        self.state_slots = _layout(order, lambda layer: layer.state_shapes())
         n_params = self.param_slots[-1].end if self.param_slots else 0
         n_state = self.state_slots[-1].end if self.state_slots else 0
         self.params = xp.zeros(n_params, dtype=self.dtype)
         self.grads = xp.zeros(n_params, dtype=self.dtype)
         self.state = xp.zeros(n_state, dtype=self.dtype)
+        ends: dict[str, int] = {}
+        for s in self.param_slots:
+            ends[s.layer] = max(ends.get(s.layer, 0), s.end)
+        self._ends = ends
         self._bind()
 
     # -- construction --------------------------------------------------------------
+    def leaf_layers(self) -> list[Layer]:
+        """Every layer without layers inside (those inside blocks too), in forward order."""
+        return list(self._leaves)
+
     def _bind(self) -> None:
-        by_name = {layer.name: layer for layer in self.layers}
+        by_name = {layer.name: layer for layer in self._leaves}
         for s in self.param_slots:
             layer = by_name[s.layer]
             layer.params[s.name] = self.params[s.offset:s.end].reshape(s.shape)
@@ -122,10 +177,11 @@ class Sequential:
     def initialize(self, seed: int) -> None:
         """Fill parameters and state from a seeded generator (host), then copy to device."""
         rng = np.random.default_rng(seed)
-        host_p = np.zeros(self.params.shape, self.dtype)
-        host_s = np.zeros(self.state.shape, self.dtype)
+        on_host = self.xp is np
+        host_p = self.params if on_host else np.zeros(self.params.shape, self.dtype)
+        host_s = self.state if on_host else np.zeros(self.state.shape, self.dtype)
         values = {}
-        for layer in self.layers:
+        for layer in self._leaves:
             for name, v in layer.init_params(rng).items():
                 values[(layer.name, name)] = v
             for name, v in layer.init_state().items():
@@ -134,8 +190,9 @@ class Sequential:
             host_p[s.offset:s.end] = np.asarray(values[(s.layer, s.name)]).ravel()
         for s in self.state_slots:
             host_s[s.offset:s.end] = np.asarray(values[(s.layer, "state", s.name)]).ravel()
-        self.params[...] = self.xp.asarray(host_p)
-        self.state[...] = self.xp.asarray(host_s)
+        if not on_host:
+            self.params[...] = self.xp.asarray(host_p)
+            self.state[...] = self.xp.asarray(host_s)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], xp: ModuleType = np,
@@ -144,7 +201,7 @@ class Sequential:
         try:
             layers = [layer_from_spec(dict(s)) for s in spec["layers"]]
             shape = tuple(spec["input_shape"])
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"model spec is malformed: {e}") from None
         return cls(layers, shape, dtype or spec.get("dtype", "float32"), xp)
 
@@ -156,64 +213,31 @@ class Sequential:
         return json.dumps(self.spec(), sort_keys=True)
 
     # -- computation ---------------------------------------------------------------
+    def _pass_context(self, ctx: Context, check_finite: bool,
+                      on_ready: Callable[[int], None] | None = None) -> Context:
+        hook = ctx.layer_hook
+        hooks = None
+        if hook is not None or check_finite or on_ready is not None:
+            hooks = PassHooks(hook, check_finite, on_ready, self._ends)
+        return replace(ctx, reuse=ctx.reuse or self.reuse_buffers, hooks=hooks)
+
     def forward(self, x: Any, ctx: Context, check_finite: bool = False) -> Any:
         """The model's output for ``x``: a new array (intermediates live in reused buffers)."""
-        if self.reuse_buffers and not ctx.reuse:
-            ctx = replace(ctx, reuse=True)
-        hook = ctx.layer_hook
-        for layer in self.layers:
-            t0 = time.perf_counter() if hook is not None else 0.0
-            x = layer.forward(x, ctx)
-            if hook is not None:
-                hook("forward", layer.name, t0, time.perf_counter())
-            if check_finite and not bool(ctx.xp.isfinite(x).all()):
-                raise NonFiniteError(f"layer {layer.name} produced non-finite values")
+        ctx = self._pass_context(ctx, check_finite)
+        x = self._chain.forward(x, ctx)
         return x.copy() if ctx.reuse else x
 
     def backward(self, dout: Any, ctx: Context,
                  on_ready: Callable[[int], None] | None = None,
                  check_finite: bool = False) -> None:
-        """Backpropagate ``dout``; ``on_ready(offset)`` says grads[:offset] are final.
+        """Backpropagate ``dout``; ``on_ready(offset)`` says grads[:offset] are final
+        (called after each leaf with parameters, with offsets that only grow).
 
         Layers in front of the first layer with parameters are skipped, and that layer
         computes no input gradient: nothing would use it.
         """
-        if self.reuse_buffers and not ctx.reuse:
-            ctx = replace(ctx, reuse=True)
-        ends = self._grad_ends()
-        first = self._first_trainable()
-        hook = ctx.layer_hook
-        d = dout
-        for i in range(len(self.layers) - 1, first - 1, -1):
-            layer = self.layers[i]
-            t0 = time.perf_counter() if hook is not None else 0.0
-            d = layer.backward(d, ctx, need_dx=i > first)
-            if hook is not None:
-                hook("backward", layer.name, t0, time.perf_counter())
-            if check_finite:
-                for name, g in layer.grads.items():
-                    if not bool(ctx.xp.isfinite(g).all()):
-                        raise NonFiniteError(
-                            f"layer {layer.name} produced a non-finite gradient for {name}")
-            if on_ready is not None and ends[i] is not None:
-                on_ready(ends[i])
-
-    def _first_trainable(self) -> int:
-        """Index of the first layer with parameters (len(layers) when there is none)."""
-        cached = getattr(self, "_first", None)
-        if cached is None:
-            owners = {s.layer for s in self.param_slots}
-            cached = self._first = next(
-                (i for i, layer in enumerate(self.layers) if layer.name in owners),
-                len(self.layers))
-        return cached
-
-    def _grad_ends(self) -> list[int | None]:
-        cached = getattr(self, "_ends", None)
-        if cached is None:
-            end_of = {s.layer: s.end for s in self.param_slots}
-            cached = self._ends = [end_of.get(layer.name) for layer in self.layers]
-        return cached
+        self._chain.backward(dout, self._pass_context(ctx, check_finite, on_ready),
+                             need_dx=False)
 
     # -- description ---------------------------------------------------------------
     @property
@@ -223,12 +247,17 @@ class Sequential:
     def flops_per_sample(self) -> int:
         return sum(layer.flops_per_sample() for layer in self.layers)
 
+    def activation_bytes(self, batch: int) -> int:
+        """Estimated bytes of activations, caches and scratch a training step on ``batch``
+        samples per rank keeps (see memory.py)."""
+        return sum(layer.activation_bytes(batch) for layer in self.layers)
+
     def decay_mask(self, exclude_no_decay: bool) -> np.ndarray | None:
         """Host 0/1 mask over the flat buffer of parameters that get weight decay."""
         if not exclude_no_decay:
             return None
         mask = np.ones(self.num_params, self.dtype)
-        by_name = {layer.name: layer for layer in self.layers}
+        by_name = {layer.name: layer for layer in self._leaves}
         for s in self.param_slots:
             if s.name in by_name[s.layer].no_decay or s.name == "b":
                 mask[s.offset:s.end] = 0
@@ -241,20 +270,10 @@ class Sequential:
         for s in self.state_slots:
             yield "state", s
 
-    def summary(self) -> str:
-        """A table of layers, output shapes and parameter counts."""
-        rows = [("layer", "output shape", "params")]
-        counts: dict[str, int] = {}
-        for s in self.param_slots:
-            counts[s.layer] = counts.get(s.layer, 0) + s.size
-        rows.append(("input", str(self.input_shape), ""))
-        for layer in self.layers:
-            rows.append((f"{layer.name}  {layer!r}", str(layer.out_shape),
-                         f"{counts.get(layer.name, 0):,}"))
-        w0 = max(len(r[0]) for r in rows)
-        w1 = max(len(r[1]) for r in rows)
-        lines = [f"{a:<{w0}}  {b:<{w1}}  {c:>10}" for a, b, c in rows]
-        lines.insert(1, "-" * len(lines[0]))
+    def summary(self, full: bool = False) -> str:
+        """A table of layers with output shapes, parameters and forward FLOPs per sample;
+        every block gets a row with its totals (``full``: every layer inside blocks too)."""
+        lines = summary_table(self, full)
         lines.append(f"total parameters: {self.num_params:,} ({self.dtype.name}); "
                      f"forward FLOPs/sample: {self.flops_per_sample():,}")
         return "\n".join(lines)

@@ -93,6 +93,10 @@ class BatchNorm(Layer):
                       f"larger batch" + ("" if self.sync else " or sync=true"))
         raise agreed(e) if self.sync else e
 
+    def activation_bytes(self, batch: int) -> int:
+        # its result, input gradient, normalised input and one scratch array
+        return 2 * super().activation_bytes(batch)
+
     def _batch_stats(self, x: Any, x2: Any, ctx: Context) -> tuple[Any, Any, float]:
         """(mean, biased variance, element count) per channel, local or global."""
         xp = ctx.xp
@@ -111,15 +115,18 @@ class BatchNorm(Layer):
                 count = float(packed[c])
                 self._check_count(int(count), int(count) // max(positions, 1))
             mean = packed[:c] / max(count, 1.0)
-            d = x2 - mean
-            sq = ctx.reduce((d * d).sum(axis=0))
+            sq = ctx.reduce(self._squares(x2, mean, xp))
         else:
             count = float(x2.shape[0])
             self._check_count(x2.shape[0], len(x))
             mean = x2.sum(axis=0) / max(count, 1.0)
-            d = x2 - mean
-            sq = (d * d).sum(axis=0)
+            sq = self._squares(x2, mean, xp)
         return mean, sq / max(count, 1.0), count
+
+    def _squares(self, x2: Any, mean: Any, xp: Any) -> Any:
+        """sum over rows of (x2 - mean)**2, in a scratch buffer kept across steps."""
+        d = xp.subtract(x2, mean, out=self._buffer("tmp", x2.shape, x2.dtype, xp))
+        return xp.multiply(d, d, out=d).sum(axis=0)
 
     def forward(self, x: Any, ctx: Context) -> Any:
         xp = ctx.xp
@@ -139,9 +146,12 @@ class BatchNorm(Layer):
         else:
             mean, var, count = self.state["running_mean"], self.state["running_var"], 0.0
         inv_std = 1 / xp.sqrt(var + self.eps)
-        xhat = (x2 - mean) * inv_std
+        xhat = xp.subtract(x2, mean, out=self._buffer("xhat", x2.shape, x2.dtype, xp))
+        xhat *= inv_std
         self._cache = (xhat, inv_std, count, bool(ctx.training))
-        return (xhat * gamma + beta).reshape(x.shape)
+        y = xp.multiply(xhat, gamma, out=self._out("y", x2.shape, x2.dtype, ctx))
+        y += beta
+        return y.reshape(x.shape)
 
     def backward(self, dy: Any, ctx: Context, need_dx: bool = True) -> Any:
         xp = ctx.xp
@@ -152,18 +162,22 @@ class BatchNorm(Layer):
         dy2 = dy.reshape(-1, c)
         sums = xp.empty((2, c), dtype=dy.dtype)
         dy2.sum(axis=0, out=sums[0])
-        (dy2 * xhat).sum(axis=0, out=sums[1])
+        xp.multiply(dy2, xhat, out=self._buffer("tmp", dy2.shape, dy.dtype, xp)).sum(
+            axis=0, out=sums[1])
         # parameter gradients are local sums: the gradient sync adds the ranks up
         self.set_grad("beta", sums[0], ctx)
         self.set_grad("gamma", sums[1], ctx)
         if not need_dx:
             return None
         scale = self.params["gamma"] * inv_std
+        dx = self._out("dx", dy2.shape, dy.dtype, ctx)
         if not training:
-            return (dy2 * scale).reshape(dy.shape)
+            return xp.multiply(dy2, scale, out=dx).reshape(dy.shape)
         if self.sync:
             sums = ctx.reduce(sums)
         n = max(count, 1.0)
-        dx = dy2 - sums[0] / n - xhat * (sums[1] / n)
+        # dx = (dy2 - sums[0] / n - xhat * (sums[1] / n)) * scale, in two buffers
+        xp.subtract(dy2, sums[0] / n, out=dx)
+        dx -= xp.multiply(xhat, sums[1] / n, out=self._buffer("tmp", dy2.shape, dy.dtype, xp))
         dx *= scale
         return dx.reshape(dy.shape)

@@ -1,4 +1,4 @@
-"""Max and average pooling over channels-last (NHWC) images.
+"""Max, average and global average pooling over channels-last (NHWC) images.
 
 Both loop over the pool-window offsets (pool_h * pool_w iterations) on strided slices of
 the padded input, like conv's im2col, with no index arrays; max pooling does so a few
@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Context, Shape, register
+from ..errors import UserError
+from .base import Context, Layer, Shape, register
 from .conv import Window, jsonable
 
 
@@ -43,6 +44,16 @@ class _Pool(Window):
     def output_shape(self, in_shape: Shape) -> Shape:
         Ho, Wo = self._window_shape(in_shape)
         return (Ho, Wo, in_shape[2])
+
+    def activation_bytes(self, batch: int) -> int:
+        """Result, input gradient, and the padded input and padded gradient; max pooling
+        adds a one-byte argmax per result (a scratch that average pooling's gradient
+        matches)."""
+        H, W, _, _, pt, pb, pl, pr = self._geo
+        padded = batch * (H + pt + pb) * (W + pl + pr) * self.in_shape[2] \
+            if any(self._geo[4:]) else 0
+        return super().activation_bytes(batch) + 2 * padded * np.dtype(self.dtype).itemsize \
+            + batch * int(np.prod(self.out_shape))
 
 
 @register
@@ -183,3 +194,36 @@ class AvgPool2D(_Pool):
             dxp[sl] += g
         dx = self._unpad(dxp)
         return dx if ctx.reuse else dx.copy()
+
+
+@register
+class GlobalAvgPool2D(Layer):
+    """The mean of each channel over all positions: (H, W, C) -> (C,), ready for a dense
+    layer whatever the image size (ResNet's last pooling)."""
+
+    kind = "global_avgpool2d"
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        if len(in_shape) != 3:
+            raise UserError(
+                f"layer {self.name or self.kind}: needs (height, width, channels) inputs "
+                f"per sample (channels last), got shape {tuple(in_shape)}")
+        return (in_shape[2],)
+
+    def flops_per_sample(self) -> int:
+        return int(np.prod(self.in_shape, dtype=np.int64))
+
+    def forward(self, x: Any, ctx: Context) -> Any:
+        H, W, C = self.in_shape
+        y = self._out("y", (x.shape[0], C), x.dtype, ctx)
+        x.sum(axis=(1, 2), out=y)
+        y *= 1.0 / (H * W)
+        return y
+
+    def backward(self, dy: Any, ctx: Context, need_dx: bool = True) -> Any:
+        if not need_dx:
+            return None
+        H, W, C = self.in_shape
+        dx = self._out("dx", (dy.shape[0], H, W, C), dy.dtype, ctx)
+        ctx.xp.multiply(dy.reshape(dy.shape[0], 1, 1, C), 1.0 / (H * W), out=dx)
+        return dx

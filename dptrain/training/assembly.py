@@ -24,6 +24,7 @@ from ..config import Config
 from ..data import DataSplits, GlobalSampler, load_from_config, validate_for_model
 from ..errors import UserError
 from ..nn import Sequential, get_loss, layer_from_spec, preset_layers
+from ..nn.memory import check_batch_fits
 from ..optim import make_optimizer, make_schedule
 from ..parallel import Communicator, LocalComm, agree, device_comm, make_placement
 from ..parallel.watchdog import Watchdog
@@ -77,7 +78,7 @@ def check_output_file(path: str, what: str) -> None:
         raise UserError(f"{what} {p}: directory {parent} is not writable")
 
 
-def _local_parts(cfg: Config, backend: Backend, world: int) -> _LocalParts:
+def _local_parts(cfg: Config, backend: Backend, world: int, local_size: int) -> _LocalParts:
     check_output_file(cfg.run.timeline, "timeline")
     data = load_from_config(cfg.data, dtype=cfg.model.dtype, seed=cfg.run.seed)
     train = data.train
@@ -92,25 +93,41 @@ def _local_parts(cfg: Config, backend: Backend, world: int) -> _LocalParts:
     if not labels_first:
         validate_for_model(data, model.input_shape, num_out, cfg.model.loss)
     micro_batch = cfg.schedule.global_batch(world)
-    _check_local_batchnorm(model, micro_batch, world)
+    _check_local_batchnorm(model, micro_batch, world, len(train), cfg.schedule.accum_steps)
+    check_batch_fits(model, -(-micro_batch // world), ranks_here=local_size)
     model.initialize(cfg.run.seed)
     return _LocalParts(data, model, get_loss(cfg.model.loss), micro_batch)
 
 
-def _check_local_batchnorm(model: Sequential, micro_batch: int, world: int) -> None:
+def _micro_batch_sizes(n: int, micro: int, accum: int) -> list[int]:
+    """The sizes of the micro-batches an epoch of ``n`` samples has (the last step's may
+    be short, and its last micro-batch shorter still)."""
+    full, rest = divmod(n, micro * accum)
+    sizes = [micro] if full or rest >= micro else []
+    if rest % micro:
+        sizes.append(rest % micro)
+    return sizes
+
+
+def _check_local_batchnorm(model: Sequential, micro_batch: int, world: int,
+                           n_train: int, accum: int) -> None:
     """BatchNorm with sync=false normalises each rank's own samples: every rank that holds
-    samples needs at least two values per channel, or its statistics are void."""
-    share = max(1, micro_batch // world)  # the smallest non-empty share of a batch
-    for layer in model.layers:
-        if getattr(layer, "kind", "") != "batchnorm" or layer.sync:
-            continue
-        per_channel = share * math.prod(layer.in_shape[:-1])
-        if per_channel < 2:
+    samples needs at least two values per channel in every micro-batch of the epoch, the
+    last, short one included, or its statistics are void."""
+    for size in _micro_batch_sizes(n_train, micro_batch, accum):
+        share = max(1, size // world)  # the smallest non-empty share of this batch
+        for layer in model.leaf_layers():  # BatchNorms inside blocks too
+            if getattr(layer, "kind", "") != "batchnorm" or layer.sync:
+                continue
+            if share * math.prod(layer.in_shape[:-1]) >= 2:
+                continue
+            what = (f"a global batch of {size}" if size == micro_batch else
+                    f"the last batch of an epoch ({size} of {n_train} samples)")
             raise UserError(
                 f"layer {layer.name}: BatchNorm(sync=false) normalises each rank's own "
-                f"samples, but a global batch of {micro_batch} over {world} rank(s) leaves a "
-                f"rank {share} sample per step; use a global batch of at least {2 * world} "
-                "(batch_per_rank >= 2), or sync=true")
+                f"samples, but {what} over {world} rank(s) leaves a rank {share} sample per "
+                f"step; use a global batch of at least {2 * world} (batch_per_rank >= 2) "
+                "that leaves no short last batch, or sync=true")
 
 
 def _say_from(cfg: Config, comm: Communicator) -> Any:
@@ -138,7 +155,7 @@ def build_trainer(cfg: Config, comm: Communicator | None = None, *,
     par = cfg.parallel
     backend = select_backend(par.device, comm.local_rank, comm.local_size,
                              par.allow_gpu_sharing, comm=comm)
-    parts = agree(comm, lambda: _local_parts(cfg, backend, comm.size))
+    parts = agree(comm, lambda: _local_parts(cfg, backend, comm.size, comm.local_size))
     assert parts is not None
     # device arrays reach MPI directly, staged through pinned memory, or through NCCL
     comm = agree(comm, lambda: device_comm(comm, backend, par.gpu_aware_mpi, par.comm == "nccl"))
