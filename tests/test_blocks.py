@@ -292,8 +292,8 @@ def test_python_api_and_config_build_the_same_model():
 def test_block_model_checkpoint_round_trip_rebuilds_it_exactly(tmp_path):
     m = built(preset_layers("resnet20", 10), (8, 8, 3))
     m.state[...] = np.random.default_rng(1).random(m.state.shape) + 0.5
-    path = ckpt.write_file(tmp_path / "model.h5", kind="model", model=m, params=m.params,
-                           state=m.state, config={})
+    path = ckpt.write_file(tmp_path / "model.h5",
+                           ckpt.capture("model", m, m.params, m.state, config={}))
     ck = ckpt.read_file(path)
     again = Sequential.from_spec(ck.architecture)
     ckpt.check_compatible(ck, again, path)
@@ -314,8 +314,8 @@ def test_block_model_checkpoint_round_trip_rebuilds_it_exactly(tmp_path):
 
 def test_changed_block_is_named_on_resume(tmp_path):
     m = built(preset_layers("resnet20", 10), (8, 8, 3))
-    path = ckpt.write_file(tmp_path / "m.h5", kind="model", model=m, params=m.params,
-                           state=m.state, config={})
+    path = ckpt.write_file(tmp_path / "m.h5",
+                           ckpt.capture("model", m, m.params, m.state, config={}))
     other = built(preset_layers("resnet56", 10), (8, 8, 3))
     with pytest.raises(UserError, match="does not match the model at layer 3"):
         ckpt.check_compatible(ckpt.read_file(path), other, path)
