@@ -227,8 +227,10 @@ class RunConfig:
     seed: int = opt(0, "seed for initialisation, shuffling and dropout",
                     range=Range(0, 2**63 - 1))
     log_every: int = opt(0, "also log every N steps (0 = per epoch only)", range=COUNT0)
-    progress: str = opt("auto", "progress bar: auto (when stdout is a terminal), on, off",
-                        choices=("auto", "on", "off"))
+    progress: str = opt("auto", "progress on rank 0: auto (a live line where a terminal "
+                                "shows the output, also through mpiexec; plain lines every "
+                                "30 s in logs), bar (always the live line; also: on), lines, "
+                                "or off", choices=("auto", "bar", "on", "lines", "off"))
     verbose: bool = opt(False, "every rank prints, each line tagged with its rank")
     debug: bool = opt(False, "one process without MPI, non-finite checks per layer and a "
                              "finite-difference gradient check before training")

@@ -9,6 +9,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; resume to go on
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): checkpointed after the first one
 
 
 def agreed(e: UserError) -> UserError:

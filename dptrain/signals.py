@@ -1,17 +1,22 @@
-"""SIGTERM and SIGUSR1 (what Slurm and schedulers send before they kill a job) as a flag.
+"""SIGTERM, SIGUSR1 (what Slurm and schedulers send before they kill a job) and the first
+Ctrl-C (SIGINT) as a flag.
 
 ``install()`` runs first thing in the command line, before anything slow, so a signal
 that arrives during start-up is never fatal: it is recorded, and training stops at its
 first step boundary with a checkpoint. The loop reads ``received()``; every rank agrees
-on it in the per-step allreduce.
+on it in the per-step allreduce. A second Ctrl-C ends the process at once (the default
+action is back after the first): checkpoints are written atomically, so none is torn.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from .parallel.launch import launcher_rank
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _received: int | None = None
 _installed = False
 
@@ -20,6 +25,11 @@ def _handler(signum: int, frame: Any) -> None:
     global _received
     if _received is None:
         _received = signum
+    if signum == signal.SIGINT:  # the next Ctrl-C ends the process at once
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if launcher_rank() == 0:
+            os.write(2, b"interrupted: stopping with a checkpoint at the end of this step "
+                        b"(Ctrl-C again to stop at once)\n")
 
 
 def install() -> None:
@@ -37,6 +47,11 @@ def installed() -> bool:
 def received() -> int | None:
     """The first stop signal received since ``install()``, or None."""
     return _received
+
+
+def interrupted(signum: int | None) -> bool:
+    """The stop came from Ctrl-C (a person at the terminal), not from a scheduler."""
+    return signum == signal.SIGINT
 
 
 def name(signum: int | None) -> str:

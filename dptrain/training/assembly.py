@@ -193,8 +193,8 @@ def build_trainer(cfg: Config, comm: Communicator | None = None, *,
                      timeline=timeline if timeline.enabled else None, watchdog=watchdog,
                      allreduce_sum=comm.allreduce_sum if comm.size > 1 else None)
     if extensions is None:
-        extensions = default_extensions(cfg, test_split=parts.data.test,
-                                        steps_per_epoch=plan.steps_per_epoch,
+        extensions = default_extensions(cfg, test_split=parts.data.test, plan=plan,
+                                        global_batch=sampler.batch_size,
                                         is_root=comm.rank == 0, timeline=timeline,
                                         threads_line=threads_line)
     trainer = Trainer(cfg=cfg, comm=comm, backend=backend, data=parts.data, model=model,

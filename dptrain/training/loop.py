@@ -17,7 +17,7 @@ import numpy as np
 from .. import checkpoint as ckpt
 from .. import signals
 from ..config import Config
-from ..errors import EXIT_OK, EXIT_PREEMPTED, StopTraining
+from ..errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, StopTraining
 from ..parallel import agree
 from ..parallel.replicas import check_replicas
 from ..rundir import RunDir
@@ -105,7 +105,7 @@ class Trainer:
                     if self.stop_reason is not None:
                         break
         except StopTraining as e:
-            if e.code != EXIT_PREEMPTED:
+            if e.code not in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
                 raise
             self.say(str(e))
             return e.code

@@ -67,6 +67,15 @@ class EpochMeter:
         self.samples += report.samples
         self.steps += 1
 
+    def local_mean_loss(self, to_host: Any, global_batch: int) -> float:
+        """This rank's samples' mean loss so far (each step's loss is this rank's share of
+        the global-batch mean: its sum over the rank's samples / the global batch). Reads
+        the device sums without a collective; for displays."""
+        loss = self.loss_sum
+        if self.pending is not None:
+            loss += float(to_host(self.pending)[0])
+        return loss * global_batch / self.samples if self.samples else float("nan")
+
     def reduce(self, comm: Communicator, to_host: Any) -> Reduced:
         """Sums over ranks (collective: every rank calls it at the same step)."""
         if self.pending is not None:  # the device sums come back here, once per report

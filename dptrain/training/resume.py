@@ -66,9 +66,12 @@ def load_resume(trainer: Trainer) -> Resume | None:
     _check_epoch_order(trainer, ck, path)
     changed = _changed_options(trainer, ck, path)
     _load(trainer, ck, path)
+    t = ck.trainer
+    where = (f"epoch {t.epoch + 1}" if t.epoch_pos or t.epoch < cfg.schedule.epochs
+             else f"{t.epoch} epochs complete")
     return Resume(path, ck.trainer,
-                  f"resumed from {path} (epoch {ck.trainer.epoch + 1}, step "
-                  f"{ck.trainer.global_step}, saved by {ck.meta.get('world_size')} rank(s))"
+                  f"resumed from {path} ({where}, step {t.global_step}, saved by "
+                  f"{ck.meta.get('world_size')} rank(s))"
                   + (f"; options changed: {', '.join(changed)}" if changed else ""))
 
 

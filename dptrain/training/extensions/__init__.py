@@ -14,16 +14,16 @@ from .evaluation import Evaluation
 from .metrics import EpochLog, StepLog
 from .nonfinite import NonFinitePolicy
 from .preemption import Preemption
-from .progress import ProgressBar
+from .progress import ProgressDisplay
 from .timeline import TimelineWriter
 
 __all__ = ["Checkpointing", "DriftCheck", "EpochLog", "Evaluation", "GradientCheck",
-           "NonFinitePolicy", "Preemption", "ProgressBar", "RunLog", "StepLog",
+           "NonFinitePolicy", "Preemption", "ProgressDisplay", "RunLog", "StepLog",
            "TimelineWriter", "default_extensions"]
 
 
-def default_extensions(cfg: Config, *, test_split: Any, steps_per_epoch: int, is_root: bool,
-                       timeline: Any, threads_line: str = "") -> list[Extension]:
+def default_extensions(cfg: Config, *, test_split: Any, plan: Any, global_batch: int,
+                       is_root: bool, timeline: Any, threads_line: str = "") -> list[Extension]:
     """The extensions of a run, in the order they run after a step: the non-finite policy
     first (a step to stop at writes nothing), preemption last (after this step's
     scheduled work); start lines print last and the ``end`` record comes last."""
@@ -35,7 +35,8 @@ def default_extensions(cfg: Config, *, test_split: Any, steps_per_epoch: int, is
     if run.debug:
         exts.append(GradientCheck())
     exts += [NonFinitePolicy(run.on_nonfinite, run.max_skips),
-             ProgressBar(run.progress, steps_per_epoch, is_root),
+             ProgressDisplay(run.progress, plan.steps_per_epoch, cfg.schedule.epochs,
+                             plan.total_steps, global_batch, is_root),
              Evaluation(test_split, cfg.schedule.eval_batch_size),
              EpochLog(cfg.schedule.epochs), StepLog(run.log_every),
              DriftCheck(cfg.parallel.drift_check_every), checkpoints, Preemption(checkpoints)]

@@ -34,9 +34,11 @@ class Checkpointing(Extension):
         self.on_disk: Path | None = None   # the newest step checkpoint this run has
         self._on_disk_extras = ""          # ... and the extension state it holds
         self.last_save = 0.0               # agreed seconds into training of the last one
+        self.started_at = 0                # the step this run started from
 
     def start(self, trainer: Any) -> None:
         self.on_disk = trainer.resumed_from
+        self.started_at = trainer.state.global_step
         self._on_disk_extras = json.dumps(trainer.extension_state(), sort_keys=True)
 
     def _due(self, status: Status) -> bool:
@@ -59,7 +61,9 @@ class Checkpointing(Extension):
 
     def finish(self, trainer: Any) -> None:
         self.save(trainer, final=True)
-        self.save_model(trainer)
+        trained = trainer.state.global_step > self.started_at
+        if trained or not (Path(self.run_dir) / "model.h5").is_file():
+            self.save_model(trainer)  # a complete run resumed again changes no file
 
     # -- writing ---------------------------------------------------------------------------
     def save(self, trainer: Any, final: bool = False, best: bool = False,

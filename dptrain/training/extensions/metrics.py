@@ -32,8 +32,14 @@ class EpochLog(Extension):
             "epoch_time": elapsed, "lr": trainer.schedule(max(0, status.step - 1)),
             "skipped_steps": int(trainer.extension_state().get("skipped_steps", 0)),
             "timing_ms_per_step": r.timing_ms}
-        line = (f"epoch {status.epoch + 1}/{self.epochs}  train loss {r.loss:.4f} "
-                f"acc {r.accuracy:.4f}")
+        spe = trainer.plan.steps_per_epoch
+        in_epoch = status.step - status.epoch * spe
+        partial = not status.epoch_end
+        if partial:  # a run stopped part-way through an epoch (max_steps): say so
+            rec.update(partial=True, epoch_steps=in_epoch)
+        line = (f"epoch {status.epoch + 1}/{self.epochs}"
+                + (f" (partial: {in_epoch} of {spe} steps)" if partial else "")
+                + f"  train loss {r.loss:.4f} acc {r.accuracy:.4f}")
         if "test_loss" in obs:
             rec.update(test_loss=obs["test_loss"], test_acc=obs["test_acc"])
             line += f"  test loss {obs['test_loss']:.4f} acc {obs['test_acc']:.4f}"
