@@ -37,15 +37,16 @@ class EpochLog(Extension):
         partial = not status.epoch_end
         if partial:  # a run stopped part-way through an epoch (max_steps): say so
             rec.update(partial=True, epoch_steps=in_epoch)
-        line = (f"epoch {status.epoch + 1}/{self.epochs}"
-                + (f" (partial: {in_epoch} of {spe} steps)" if partial else "")
-                + f"  train loss {r.loss:.4f} acc {r.accuracy:.4f}")
+        line = (f"epoch {status.epoch + 1}/{self.epochs}  train loss {r.loss:.4f} "
+                f"acc {r.accuracy:.4f}")
         if "test_loss" in obs:
             rec.update(test_loss=obs["test_loss"], test_acc=obs["test_acc"])
             line += f"  test loss {obs['test_loss']:.4f} acc {obs['test_acc']:.4f}"
         line += f"  {rec['samples_per_sec']:.0f} samples/s  {elapsed:.2f}s"
         if r.steps and trainer.world > 1:
             line += f"  (sync wait {r.timing_ms['sync_wait_ms']:.2f} ms/step)"
+        if partial:
+            line += f"  [partial epoch: {in_epoch} of {spe} steps]"
         trainer.say(line)
         trainer.log("epoch", **rec)
 
