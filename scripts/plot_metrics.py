@@ -75,8 +75,9 @@ def plot(run_dir: Path, out: Path) -> Path:
         xs, ys = series(epochs, f"test_{what}")
         if xs:
             ax.plot(xs, ys, "s-", color="#dd8452", label="test (end of epoch)")
-        for s in sorted(epochs):
-            ax.axvline(s, color="#999999", lw=0.6, ls=":")
+        for s in sorted(epochs):  # a partial epoch (a run stopped by max_steps) ends nothing
+            if not epochs[s].get("partial"):
+                ax.axvline(s, color="#999999", lw=0.6, ls=":")
         ax.set_xlabel("optimizer step (dotted lines: ends of epochs)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
@@ -87,7 +88,9 @@ def plot(run_dir: Path, out: Path) -> Path:
     ax_acc.set_ylim(-0.02, 1.02)
     if epochs:
         last = epochs[max(epochs)]
-        fig.suptitle(f"{run_dir.name}: {len(epochs)} epoch(s), step {max(epochs)}, "
+        whole = sum(1 for r in epochs.values() if not r.get("partial"))
+        part = " and a partial one" if len(epochs) > whole else ""
+        fig.suptitle(f"{run_dir.name}: {whole} epoch(s){part}, step {max(epochs)}, "
                      f"last train loss {last.get('train_loss', float('nan')):.4f}", fontsize=11)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
