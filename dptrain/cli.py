@@ -137,10 +137,11 @@ def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
     from .nn import Sequential, get_loss  # noqa: PLC0415
     from .training import evaluate_model  # noqa: PLC0415
 
-    path = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "model.h5"
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, not {args.batch_size}")
     comm = run.communicator("auto")
+    path = Path(args.checkpoint) if args.checkpoint else _model_of_run(Path(args.run_dir),
+                                                                       comm.rank == 0)
     ck = ckpt.read_file(path)
     backend = select_backend(args.device, comm.local_rank, comm.local_size,
                              args.allow_gpu_sharing, comm=comm)
@@ -160,6 +161,24 @@ def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
         print(f"{path}: {args.split} loss {res['loss']:.4f} accuracy {res['accuracy']:.4f} "
               f"({res['samples']} samples, {data.name})")
     return 0
+
+
+def _model_of_run(run_dir: Path, say: bool) -> Path:
+    """RUN_DIR/model.h5, or while the run is still going (or was stopped) its newest
+    checkpoint, saying so."""
+    from . import checkpoint as ckpt  # noqa: PLC0415
+
+    model = run_dir / "model.h5"
+    if model.is_file():
+        return model
+    found = ckpt.list_checkpoints(run_dir)
+    if not found:
+        raise UserError(f"{run_dir} has no model.h5 and no checkpoint yet (is it a run "
+                        "directory? give --checkpoint PATH)")
+    if say:
+        print(f"note: {model} does not exist (yet): evaluating the newest checkpoint, "
+              f"{found[0]}", flush=True)
+    return found[0]
 
 
 def cmd_inspect(args: argparse.Namespace, run: _Run) -> int:

@@ -231,6 +231,8 @@ class RunConfig:
                                 "shows the output, also through mpiexec; plain lines every "
                                 "30 s in logs), bar (always the live line; also: on), lines, "
                                 "or off", choices=("auto", "bar", "on", "lines", "off"))
+    progress_every: float = opt(30.0, "seconds between plain progress lines (progress = "
+                                      "lines, or auto in a log)", range=Range(0, 86400))
     verbose: bool = opt(False, "every rank prints, each line tagged with its rank")
     debug: bool = opt(False, "one process without MPI, non-finite checks per layer and a "
                              "finite-difference gradient check before training")

@@ -44,17 +44,18 @@ class Timeline:
             tid: int = STEP_TID, **args: Any) -> None:
         """One span from ``start`` to ``end`` (``time.perf_counter()`` values)."""
         if self.enabled:
+            ts = self._us(start)  # the duration from the rounded ends: spans never overlap
             self.events.append({"name": name, "cat": cat, "ph": "X", "pid": self.rank,
-                                "tid": tid, "ts": self._us(start),
-                                "dur": round((end - start) * 1e6, 1), "args": args})
+                                "tid": tid, "ts": ts, "dur": round(self._us(end) - ts, 1),
+                                "args": args})
 
     def layer_event(self, phase: str, layer: str, start: float, end: float) -> None:
         """A layer's forward or backward (the model's ``layer_hook``)."""
         if self.enabled:
+            ts = self._us(start)
             self.events.append({"name": f"{phase} {layer}", "cat": phase, "ph": "X",
-                                "pid": self.rank, "tid": STEP_TID, "ts": self._us(start),
-                                "dur": round((end - start) * 1e6, 1),
-                                "args": {"layer": layer}})
+                                "pid": self.rank, "tid": STEP_TID, "ts": ts,
+                                "dur": round(self._us(end) - ts, 1), "args": {"layer": layer}})
 
     @contextmanager
     def span(self, name: str, cat: str = "step", tid: int = STEP_TID,

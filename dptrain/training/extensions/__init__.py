@@ -36,7 +36,7 @@ def default_extensions(cfg: Config, *, test_split: Any, plan: Any, global_batch:
         exts.append(GradientCheck())
     exts += [NonFinitePolicy(run.on_nonfinite, run.max_skips),
              ProgressDisplay(run.progress, plan.steps_per_epoch, cfg.schedule.epochs,
-                             plan.total_steps, global_batch, is_root),
+                             plan.total_steps, global_batch, is_root, run.progress_every),
              Evaluation(test_split, cfg.schedule.eval_batch_size),
              EpochLog(cfg.schedule.epochs), StepLog(run.log_every),
              DriftCheck(cfg.parallel.drift_check_every), checkpoints, Preemption(checkpoints)]

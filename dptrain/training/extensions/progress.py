@@ -3,7 +3,7 @@
 ``progress = auto`` draws a live, full-width line (epoch, a bar, steps, running loss,
 samples/s, time left) on stderr when that stderr reaches a terminal, also through
 ``mpiexec`` or ``srun --pty``; where the output goes to a log (a batch job, a pipe, a
-file) it prints a plain ``progress:`` line about every 30 seconds instead. ``bar`` (or
+file) it prints a plain ``progress:`` line every ``progress_every`` seconds (30) instead. ``bar`` (or
 ``on``) forces the live line, ``lines`` the plain ones, ``off`` shows nothing.
 
 The running loss is rank 0's own samples' mean (read on rank 0 alone, so it never costs
@@ -22,7 +22,6 @@ from ..extension import Extension
 from ..status import Status
 
 LIVE_INTERVAL = 0.2   # seconds between redraws of the live line
-LOG_INTERVAL = 30.0   # seconds between plain progress lines
 
 
 def duration(seconds: float) -> str:
@@ -36,8 +35,8 @@ class ProgressDisplay(Extension):
     name = "progress"
 
     def __init__(self, mode: str, steps_per_epoch: int, epochs: int, total_steps: int,
-                 global_batch: int, is_root: bool) -> None:
-        self.mode, self.is_root = mode, is_root
+                 global_batch: int, is_root: bool, every: float = 30.0) -> None:
+        self.mode, self.is_root, self.every = mode, is_root, every
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
         self.total_steps, self.global_batch = total_steps, global_batch
         self.live: TextIO | None = None   # the stream of a live line, when there is one
@@ -69,7 +68,7 @@ class ProgressDisplay(Extension):
         if status.report_due:
             self._clear()
             return
-        due = LIVE_INTERVAL if self.live is not None else LOG_INTERVAL
+        due = LIVE_INTERVAL if self.live is not None else self.every
         if now - self._last < due:
             return
         self._last = now

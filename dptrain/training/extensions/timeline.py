@@ -1,5 +1,6 @@
 """The Chrome trace of a run (``--timeline``): each rank writes its own at the end; after a
-completed run rank 0 merges them into one file on one time axis."""
+completed run rank 0 merges them into one file on one time axis and removes the per-rank
+files (a failed run leaves them, NAME.rankN.json, since not every rank may have written)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,5 @@ class TimelineWriter(Extension):
         if comm.rank == 0:
             ranks = [rank_path(self.path, r) for r in range(comm.size)]
             merge_traces(ranks, self.path)
+            for p in ranks:  # merged: the one file is the trace
+                p.unlink(missing_ok=True)
