@@ -46,12 +46,13 @@ def _help(name: str) -> str:
 
 def train_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m dptrain [train]",
+                      usage="python -m dptrain [train] [--config FILE] [OPTIONS]",
                       description="Train a model data-parallel over MPI ranks (or in one "
                                   "process). Other commands: `eval`, `inspect` (see `python -m "
                                   "dptrain eval --help`). Options override the config file; "
                                   "every option is also a config-file key (with underscores), "
                                   "at the top level or in its [section].")
-    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
     p.add_argument("--traceback", action="store_true", help="show the stack on errors")
     p.add_argument("--version", action="version", version=f"dptrain {__version__}")
     for section, cls in SECTIONS.items():
@@ -63,9 +64,9 @@ def train_parser() -> argparse.ArgumentParser:
                 group.add_argument(o.flag, dest=name, action=argparse.BooleanOptionalAction,
                                    default=None, help=_help(name))
                 continue
-            metavar = ("{" + ",".join(o.choices) + "}" if o.choices else
-                       "JSON" if name == "layers" else "LIST" if o.kind is tuple
-                       else o.kind.__name__.upper())
+            metavar = (o.metavar or ("{" + ",".join(o.choices) + "}" if o.choices else
+                                     "JSON" if name == "layers" else "LIST" if o.kind is tuple
+                                     else o.kind.__name__.upper()))
             group.add_argument(o.flag, dest=name, metavar=metavar, default=None,
                                help=_help(name))
     return p
@@ -189,10 +190,13 @@ def cmd_inspect(args: argparse.Namespace, run: _Run) -> int:
     if args.json:
         trainer = {k: (None if isinstance(v, float) and v != v else v)  # NaN is not JSON
                    for k, v in vars(ck.trainer).items()}
-        print(json.dumps({"meta": ck.meta, "trainer": trainer,
-                          "architecture": ck.architecture, "params": int(n_params),
-                          "checksums": {"sha256": "ok", "fletcher32_datasets": ck.datasets}},
-                         default=str, indent=2))
+        doc = {"meta": ck.meta, "trainer": trainer, "architecture": ck.architecture,
+               "params": int(n_params),
+               "checksums": {"sha256": "ok", "fletcher32_datasets": ck.datasets}}
+        if ck.kind == "checkpoint":  # what the text form prints on its optimizer line
+            doc["optimizer"] = {"name": ck.optimizer_name, "step": ck.optimizer_step,
+                                "state": sorted(ck.optimizer_state)}
+        print(json.dumps(doc, default=str, indent=2))
         return 0
     m = ck.meta
     print(f"{args.path}: dptrain {ck.kind}, format version {m.get('format_version')}, "

@@ -76,12 +76,12 @@ COUNT0 = Range(0, 10**12)                    # 0 = off / no limit
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
         range: Range | None = None, default_text: str = "",
-        message: str = "") -> Any:
+        message: str = "", metavar: str = "") -> Any:
     """A config option: its default, help text, and what values it allows.
 
     ``message`` replaces the range error's wording (``{name}``, ``{value}``, ``{range}``)."""
     meta = {"help": help, "choices": choices, "range": range, "default_text": default_text,
-            "message": message}
+            "message": message, "metavar": metavar}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -93,7 +93,8 @@ class ModelConfig:
     """What is trained: the architecture, its number type and its loss."""
 
     model: str = opt("cnn", "model preset: mlp, cnn, resnet20, resnet56, resnet18 or vgg11 "
-                            "(sized from the data); ignored when `layers` is given")
+                            "(sized from the data); ignored when `layers` is given",
+                     metavar="NAME")
     layers: tuple = opt((), "custom model: a list of layer specs, in a config file or as JSON "
                             "on the command line, e.g. "
                             "'[{\"type\": \"flatten\"}, {\"type\": \"dense\", \"units\": 10}]'",
@@ -109,9 +110,10 @@ class ModelConfig:
 class DataConfig:
     """Where the samples come from."""
 
-    dataset: str = opt("digits", "digits (built in), synthetic, or a path to .h5/.hdf5/.npz")
+    dataset: str = opt("digits", "digits (built in), synthetic, or a path to .h5/.hdf5/.npz",
+                       metavar="NAME|PATH")
     synthetic_shape: tuple = opt((28, 28, 1), "sample shape of the synthetic dataset, e.g. "
-                                              "28,28,1")
+                                              "28,28,1", metavar="H,W,C")
     synthetic_classes: int = opt(10, "classes of the synthetic dataset", range=Range(2, 10**6))
     synthetic_samples: int = opt(2048, "samples (train + test) of the synthetic dataset",
                                  range=Range(2, 10**9))
@@ -206,11 +208,12 @@ class CheckpointConfig:
 
     checkpoint_every: str = opt("epoch", "checkpoint schedule: 'epoch', 'N' steps, 'Ts'/'Tm'/"
                                          "'Th' time, or 'off' (a final checkpoint is always "
-                                         "written)")
+                                         "written)", metavar="SCHEDULE")
     keep_last: int = opt(3, "step checkpoints to keep besides best.h5", range=Range(1, 10**6),
                          message="{name} must be positive, not {value} (range {range})")
     resume: str = opt("", "resume from 'auto' (newest good checkpoint in run_dir, or a fresh "
-                          "start without one) or a checkpoint path", default_text="none")
+                          "start without one) or a checkpoint path", default_text="none",
+                      metavar="auto|PATH")
     continue_on_checkpoint_error: bool = opt(False, "keep training when a checkpoint write "
                                                     "fails (the final one must succeed)")
     allow_config_change: bool = opt(False, "let a resumed run change options that alter the "
@@ -223,7 +226,7 @@ class RunConfig:
     """The run directory, randomness, output and failure policy."""
 
     run_dir: str = opt("runs/default", "run directory: resolved config, metrics.jsonl, "
-                                       "checkpoints, final model")
+                                       "checkpoints, final model", metavar="DIR")
     seed: int = opt(0, "seed for initialisation, shuffling and dropout",
                     range=Range(0, 2**63 - 1))
     log_every: int = opt(0, "also log every N steps (0 = per epoch only)", range=COUNT0)
@@ -242,7 +245,7 @@ class RunConfig:
                          range=Range(1, 10**6),
                          message="{name} must be positive, not {value} (range {range})")
     timeline: str = opt("", "write a Chrome trace (JSON) of each step's phases to this path",
-                        default_text="none")
+                        default_text="none", metavar="FILE")
 
 
 SECTIONS: dict[str, type] = {
@@ -264,6 +267,7 @@ class Option:
     range: Range | None
     default_text: str
     message: str
+    metavar: str
 
     @property
     def flag(self) -> str:
@@ -288,7 +292,8 @@ def _options() -> dict[str, Option]:
             m = f.metadata
             assert f.name not in out, f"option {f.name} declared twice"
             out[f.name] = Option(f.name, section, default, type(default), m["help"],
-                                 m["choices"], m["range"], m["default_text"], m["message"])
+                                 m["choices"], m["range"], m["default_text"], m["message"],
+                                 m["metavar"])
     return out
 
 

@@ -128,3 +128,33 @@ def test_merged_trace_leaves_no_rank_files_and_spans_nest(tmp_path):
         ordered = sorted(phases, key=lambda e: e["ts"])
         for a, b in zip(ordered, ordered[1:], strict=False):
             assert a["ts"] + a["dur"] <= b["ts"] + 1e-9, (a, b)
+
+
+def test_help_is_grouped_and_its_examples_run(tmp_path):
+    text = run_dptrain(["--help"]).stdout
+    heads = [ln for ln in text.splitlines() if re.fullmatch(r"\[\w+\]:", ln)]
+    assert heads == ["[model]:", "[data]:", "[schedule]:", "[optim]:", "[parallel]:",
+                     "[checkpoint]:", "[run]:"]
+    assert "(default: 64, unless batch_per_rank is given" in " ".join(text.split())
+    flat = " ".join(text.split())
+    example = re.search(r"--layers JSON .*? e\.g\. '(\[.*?\])'", flat).group(1)
+    proc = run_dptrain([*TINY, "--max-steps", "2", "--progress", "off", "--layers", example,
+                        "--run-dir", str(tmp_path / "run")], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    shape = re.search(r"--synthetic-shape H,W,C .*? e\.g\. ([0-9,]+)", flat).group(1)
+    proc = run_dptrain(["--model", "mlp", "--dataset", "synthetic", "--synthetic-shape", shape,
+                        "--max-steps", "2", "--progress", "off",
+                        "--run-dir", str(tmp_path / "syn")], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_inspect_json_says_what_the_text_says(tmp_path):
+    run = tmp_path / "run"
+    assert run_dptrain([*TINY, "--max-steps", "3", "--optimizer", "sgd", "--progress", "off",
+                        "--run-dir", str(run)], timeout=60).returncode == 0
+    path = ckpt.checkpoint_path(run, 3)
+    doc = json.loads(run_dptrain(["inspect", "--json", str(path)]).stdout)
+    text = run_dptrain(["inspect", str(path)]).stdout
+    assert doc["optimizer"] == {"name": "sgd", "step": 3, "state": ["momentum"]}
+    assert "optimizer: sgd, step 3, state momentum" in text
+    assert doc["trainer"]["global_step"] == 3 and "step 3" in text
