@@ -188,8 +188,12 @@ def cmd_inspect(args: argparse.Namespace, run: _Run) -> int:
     ck = ckpt.read_file(args.path)  # reads every dataset: HDF5 verifies each checksum
     n_params = sum(a.size for a in ck.params.values())
     if args.json:
-        trainer = {k: (None if isinstance(v, float) and v != v else v)  # NaN is not JSON
-                   for k, v in vars(ck.trainer).items()}
+        def plain(v: Any) -> Any:  # NaN is not JSON
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return None if isinstance(v, float) and v != v else v
+
+        trainer = plain(vars(ck.trainer))
         doc = {"meta": ck.meta, "trainer": trainer, "architecture": ck.architecture,
                "params": int(n_params),
                "checksums": {"sha256": "ok", "fletcher32_datasets": ck.datasets}}
