@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from gradcheck import numeric_gradient as numeric
 from gradcheck import rel_error
 
 from dptrain import checkpoint as ckpt
@@ -84,21 +85,6 @@ def built(specs: list[dict], shape: tuple[int, ...], seed: int = 3,
     m = Sequential([layer_from_spec(dict(s)) for s in specs], shape, dtype)
     m.initialize(seed)
     return m
-
-
-def numeric(f, arr: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Central differences of f() w.r.t. every element of ``arr`` (restored after)."""
-    grad = np.zeros(arr.size)
-    flat = arr.reshape(-1)
-    for i in range(flat.size):
-        orig = flat[i]
-        flat[i] = orig + eps
-        up = f()
-        flat[i] = orig - eps
-        down = f()
-        flat[i] = orig
-        grad[i] = (up - down) / (2 * eps)
-    return grad.reshape(arr.shape)
 
 
 @pytest.mark.parametrize("specs,shape", [g[1:] for g in GRADCHECK],
