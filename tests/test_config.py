@@ -64,3 +64,13 @@ def test_global_batch() -> None:
     assert make_config({}).schedule.global_batch(4) == 64
     assert make_config({"batch_size": 50}).schedule.global_batch(3) == 50
     assert make_config({"batch_per_rank": 16}).schedule.global_batch(3) == 48
+
+
+def test_configuration_reference_is_current() -> None:
+    from conftest import ROOT, run_python
+
+    proc = run_python([str(ROOT / "scripts" / "config_reference.py"), "--check"], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    for name in FIELDS:
+        assert f"| `{name}` |" in text, name
