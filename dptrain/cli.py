@@ -180,16 +180,17 @@ def cmd_eval(args: argparse.Namespace, ctx: _Run) -> int:
 def cmd_inspect(args: argparse.Namespace, ctx: _Run) -> int:
     from . import checkpoint as ckpt  # noqa: PLC0415
 
-    ck = ckpt.read_file(args.path)  # reads every dataset: HDF5 verifies each checksum
+    ck = ckpt.read_file(args.path, allow_nonfinite=True)  # HDF5 verifies each checksum
+    nonfinite = ckpt.nonfinite_counts(ck)  # reported, then exit 2
     n_params = sum(a.size for a in ck.params.values())
     if args.json:
         trainer = {k: (None if isinstance(v, float) and v != v else v)  # NaN is not JSON
                    for k, v in vars(ck.trainer).items()}
         print(json.dumps({"meta": ck.meta, "trainer": trainer,
                           "architecture": ck.architecture, "params": int(n_params),
-                          "checksums": {"sha256": "ok", "fletcher32_datasets": ck.datasets}},
-                         default=str, indent=2))
-        return 0
+                          "checksums": {"sha256": "ok", "fletcher32_datasets": ck.datasets},
+                          "nonfinite": nonfinite}, default=str, indent=2))
+        return _inspect_verdict(args.path, nonfinite)
     m = ck.meta
     print(f"{args.path}: dptrain {ck.kind}, format version {m.get('format_version')}, "
           f"written by dptrain {m.get('dptrain_version')} on {m.get('created')}")
@@ -210,6 +211,14 @@ def cmd_inspect(args: argparse.Namespace, ctx: _Run) -> int:
         opts = {k: v for k, v in spec.items() if k != "type"}
         print(f"  {name:<16} {json.dumps(opts):<60} {counts.get(name, 0):>10,}")
     print(f"  checksums: file SHA-256 ok, {ck.datasets} datasets with fletcher32 verified")
+    return _inspect_verdict(args.path, nonfinite)
+
+
+def _inspect_verdict(path: str, nonfinite: dict[str, int]) -> int:
+    from .checkpoint import describe_nonfinite  # noqa: PLC0415
+
+    if nonfinite:
+        raise UserError(f"checkpoint {path} holds {describe_nonfinite(nonfinite)}")
     return 0
 
 
