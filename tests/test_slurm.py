@@ -25,7 +25,6 @@ from conftest import ROOT, child_env
 from dptrain import checkpoint as ckpt
 from dptrain.dist.comm import _check_srun_world
 from dptrain.errors import UserError
-from dptrain.rundir import RunDir
 
 SCRIPT = ROOT / "slurm" / "train.sbatch"
 GPU_SCRIPT = ROOT / "slurm" / "train_gpu.sbatch"
@@ -359,21 +358,3 @@ def test_srun_without_pmi_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PMI_RANK", "0")       # mpiexec inside an allocation
     _check_srun_world(1)
 
-
-def test_requeued_job_takes_over_its_own_stale_lock(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """An attempt killed before it unlocked (perhaps on another node) does not block the
-    next attempt of the same job; the same attempt, or another job, still does."""
-    lock = tmp_path / ".lock"
-    monkeypatch.setenv("SLURM_JOB_ID", "77")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    for owner in ("othernode 12345 slurm-job=77.1", "othernode 12345 slurm-job=78.0",
-                  "othernode 12345"):
-        lock.write_text(owner + "\n")
-        with pytest.raises(UserError, match="in use by another job"):
-            RunDir(tmp_path).open()
-    lock.write_text("othernode 12345 slurm-job=77.0\n")
-    rd = RunDir(tmp_path).open()
-    assert lock.read_text().split()[2] == "slurm-job=77.1"
-    rd.close()
-    assert not lock.exists()
