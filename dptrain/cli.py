@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, preempt
 from .config import FIELDS, load_toml, make_config, parse_value
 from .errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError, agreed
 
@@ -284,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = "train"
     if argv and argv[0] in COMMANDS:
         cmd = argv.pop(0)
+    if cmd == "train":  # before anything slow: a warning signal must not kill the set-up
+        preempt.install()
     parser = {"train": train_parser, "eval": eval_parser, "inspect": inspect_parser}[cmd]()
     args = parser.parse_args(argv)
     run = _Run()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as ckpt
-from . import faults
+from . import faults, preempt
 from .backend import Backend, select_backend
 from .config import Config, parse_checkpoint_every
 from .data import DataSplits, GlobalSampler, load_dataset, shard, validate_for_model
@@ -345,11 +345,7 @@ class Trainer:
 
     # -- signals -----------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        def handler(signum: int, frame: Any) -> None:
-            if self.stop_signal is None:
-                self.stop_signal = signum
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        preempt.install()  # cli.main did it first thing; a signal since then is kept
 
     # -- the loop --------------------------------------------------------------------
     def train(self) -> int:
@@ -399,6 +395,8 @@ class Trainer:
     def _agree_stop(self) -> bool:
         """All ranks agree whether any caught a signal; the same tiny allreduce also
         agrees on the time since the last checkpoint (for time-based schedules)."""
+        if self.stop_signal is None:
+            self.stop_signal = preempt.caught()
         flag = 0.0 if self.stop_signal is None else 1.0
         since = time.monotonic() - self._last_ckpt_time
         flag, self._since_ckpt = self.comm.allreduce_scalars([flag, since], "max")
