@@ -164,6 +164,8 @@ def check_stored(ds: Any, where: str) -> None:
                         "or was not written by numpy/h5py")
     if not ds.size or ds.id.get_create_plist().get_nfilters():
         return  # compressed or checksummed: HDF5's filters check what they can
+    if ds.is_virtual or ds.external:
+        return  # the bytes live in other files
     have = int(ds.id.get_storage_size())
     if ds.chunks is None:
         need = int(ds.size) * ds.dtype.itemsize
@@ -186,6 +188,8 @@ def check_complete(ds: Any, where: str) -> None:
 
 def _spans(ds: Any, where: str) -> list[tuple[int, int]]:
     """The byte ranges of the file that hold ``ds`` (contiguous storage, or each chunk)."""
+    if ds.is_virtual or ds.external:
+        return []
     if ds.chunks is None:
         offset = ds.id.get_offset()
         return [] if offset is None else [(int(offset), int(ds.id.get_storage_size()))]
