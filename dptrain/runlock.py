@@ -192,4 +192,5 @@ class RunLock:
                          "to end (remove the lock file only if it is gone)")
 
     def _not_writable(self, e: OSError) -> UserError:
-        return UserError(f"run directory {self.directory} is not writable: {e.strerror or e}")
+        return UserError(f"run directory {self.directory}: cannot open its lock file "
+                         f"{self.path}: {e.strerror or e}")

@@ -230,9 +230,21 @@ def test_config_json_that_is_a_directory_is_one_line_and_leaves_nothing(tmp_path
     assert_unchanged(before, run)  # no config.json.tmp, no metrics.jsonl, no .lock
 
 
+def fill(mnt: Path) -> None:
+    """Fill the file system at ``mnt`` to the last byte."""
+    fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture
-def full_disk(tmp_path: Path) -> Path:
-    """A 256 KiB tmpfs, filled to the last byte (needs root and mount; skipped elsewhere)."""
+def small_disk(tmp_path: Path) -> Path:
+    """A 256 KiB tmpfs (needs root and mount; skipped elsewhere)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
@@ -240,17 +252,36 @@ def full_disk(tmp_path: Path) -> Path:
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {(r.stderr or r.stdout).strip()}")
     try:
-        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def full_disk(small_disk: Path) -> Path:
+    fill(small_disk)
+    return small_disk
+
+
+def test_writes_on_a_disk_that_fills_up_are_one_line_and_leave_no_debris(small_disk: Path
+                                                                          ) -> None:
+    """The lock is taken, then the disk fills: config.json and a metrics record that do
+    not fit are one-line errors; no temporary file, no half line; the lock still ends."""
+    run = small_disk / "run"
+    rd = RunDir(run).open()
+    rd.write_config({"epochs": 1})
+    rd.log("start", step=0)
+    fill(small_disk)
+    before = snapshot(run)
+    with pytest.raises(UserError, match=rf"^run directory {run}: cannot write config.json: "
+                                        "No space left on device$"):
+        rd.write_config({"epochs": 2, "notes": "x" * 10000})
+    with pytest.raises(UserError, match=rf"^run directory {run}: cannot write metrics.jsonl: "
+                                        "No space left on device$"):
+        rd.log("epoch", notes="y" * 20000)
+    assert_unchanged(before, run)
+    rd.close()
+    assert sorted(os.listdir(run)) == ["config.json", "metrics.jsonl"]
 
 
 @pytest.mark.mpi
