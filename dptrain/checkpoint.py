@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, h5checks
 from .errors import UserError
 from .hooks import Hooks
 
@@ -269,9 +269,14 @@ def write_file(path: str | Path, ck: Checkpoint, hooks: Hooks | None = None) -> 
     """Atomically write ``ck`` (a checkpoint, or with kind 'model' weights only).
 
     Any OS failure (disk full, no permission) is a one-line UserError; nothing is left
-    under ``path`` or a temp name.
+    under ``path`` or a temp name. So are NaN/Inf in the parameters, model state or
+    optimizer state: nothing is written.
     """
     path = Path(path)
+    bad = nonfinite_counts(ck)
+    if bad:
+        raise UserError(f"cannot write {path}: it would hold {describe_nonfinite(bad)}; dptrain "
+                        "never writes non-finite values (nothing was written)")
     if hooks:
         hooks.fire("before_write", path=path, step=ck.trainer.global_step)
     arch = ck.architecture
@@ -308,34 +313,19 @@ def write_file(path: str | Path, ck: Checkpoint, hooks: Hooks | None = None) -> 
 
 
 # -- reading ---------------------------------------------------------------------------
-def _read_group(g: Any, path: Path, counter: list[int]) -> dict[tuple[str, str], np.ndarray]:
-    h5py = _h5py()
-    out = {}
-    for layer, lg in g.items():
-        if not isinstance(lg, h5py.Group):
-            raise UserError(f"checkpoint {path}: {lg.name} should be a group of arrays")
-        for name, ds in lg.items():
-            if not isinstance(ds, h5py.Dataset):
-                raise UserError(f"checkpoint {path}: {ds.name} should be an array")
-            if ds.size > 0 and ds.ndim > 0 and not ds.fletcher32:
-                raise UserError(f"checkpoint {path}: {ds.name} carries no checksum")
-            out[(layer, name)] = ds[()]  # HDF5 verifies the fletcher32 checksum here
-            counter[0] += 1
-    return out
+#: what a reader needs of the root attributes: text, or integers (>= 0)
+META_TEXT = ("format", "kind", "dtype", "dptrain_version", "created")
+META_INT = ("format_version", "world_size", "num_params")
 
 
-def _group(f: Any, name: str, path: Path) -> Any:
-    if name not in f:
-        raise UserError(f"checkpoint {path} has no /{name} group")
-    return f[name]
-
-
-def read_file(path: str | Path) -> Checkpoint:
+def read_file(path: str | Path, allow_nonfinite: bool = False) -> Checkpoint:
     """Read and verify a checkpoint or model file; any problem is a one-line UserError.
 
-    Verifies the file's SHA-256 (then parses exactly the verified bytes), every dataset's
-    fletcher32 checksum, the format version, and that every array its architecture
-    implies is present with the right shape and dtype.
+    Verifies the file's SHA-256 (then parses exactly the verified bytes), that it is a
+    plain tree of groups and arrays (no links), the format version, the type of every
+    attribute it uses, that every array its architecture implies is present with the
+    right shape and dtype before reading it, every dataset's fletcher32 checksum, and
+    (unless ``allow_nonfinite``, for ``inspect``) that no array holds NaN/Inf.
     """
     path = Path(path)
     data = verify_bytes(path)
@@ -351,66 +341,178 @@ def read_file(path: str | Path) -> Checkpoint:
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt: {msg}") from None
-    check_consistent(ck, path)
+    if not allow_nonfinite:
+        bad = nonfinite_counts(ck)
+        if bad:
+            raise UserError(f"checkpoint {path} holds {describe_nonfinite(bad)}; dptrain does not "
+                            "load non-finite parameters (use an earlier checkpoint)")
     return ck
 
 
-def _read_open(f: Any, path: Path) -> Checkpoint:
-    a = dict(f.attrs)
-    if a.get("format") != FORMAT:
+def _read_meta(f: Any, path: Path, where: str) -> dict[str, Any]:
+    """The root attributes, each of its type; the format and its version checked."""
+    if "format" not in f.attrs or h5checks.attr_text(f, "format", where) != FORMAT:
         raise UserError(f"checkpoint {path} is not a dptrain file (no format attribute)")
-    _check_version(int(a.get("format_version", -1)), path)
-    for key in ("architecture", "config", "dtype"):
-        if key not in a:
-            raise UserError(f"checkpoint {path} lacks the {key!r} attribute")
-    try:
-        architecture, config = json.loads(a["architecture"]), json.loads(a["config"])
-    except json.JSONDecodeError as e:
-        raise UserError(f"checkpoint {path}: architecture or config is not JSON ({e})") from None
+    _check_version(h5checks.attr_int(f, "format_version", where, minimum=None,
+                                     maximum=None), path)
+    meta: dict[str, Any] = {}
+    for key in META_TEXT + META_INT:
+        required = key in ("kind", "dtype")
+        get = h5checks.attr_text if key in META_TEXT else h5checks.attr_int
+        value = get(f, key, where, required)
+        if value is not None:
+            meta[key] = value
+    if meta["kind"] not in KINDS:
+        raise UserError(f"checkpoint {path} has an unknown kind {meta['kind']!r}")
+    return meta
+
+
+def _read_open(f: Any, path: Path) -> Checkpoint:
+    where = f"checkpoint {path}"
+    groups, datasets = h5checks.walk(f, where)
+    meta = _read_meta(f, path, where)
+    architecture = _json_attr(f, "architecture", where)
+    config = _json_attr(f, "config", where)
+    model = _model_of(architecture, path)
+    if model.dtype.name != meta["dtype"]:
+        raise UserError(f"checkpoint {path}: dtype attribute {meta['dtype']} differs from the "
+                        f"architecture's {model.dtype.name}")
+    if meta.get("num_params", model.num_params) != model.num_params:
+        raise UserError(f"checkpoint {path}: num_params attribute {meta['num_params']} differs "
+                        f"from its architecture's {model.num_params}")
     n = [0]
-    ck = Checkpoint(
-        kind=str(a.get("kind", "checkpoint")),
-        meta={k: (v.item() if hasattr(v, "item") else v) for k, v in a.items()
-              if k not in ("architecture", "config")},
-        architecture=architecture, config=config,
-        params=_read_group(_group(f, "params", path), path, n),
-        state=_read_group(_group(f, "state", path), path, n))
-    if ck.kind not in KINDS:
-        raise UserError(f"checkpoint {path} has an unknown kind {ck.kind!r}")
+    reader = _ArrayReader(groups, datasets, model, where, n)
+    ck = Checkpoint(kind=meta["kind"], meta=meta, architecture=architecture, config=config,
+                    params=reader.read("params", model.param_slots),
+                    state=reader.read("state", model.state_slots))
     if ck.kind == "checkpoint":
-        og, tg, rg = (_group(f, g, path) for g in ("optimizer", "trainer", "rng"))
-        ck.optimizer_name = str(og.attrs["name"])
-        ck.optimizer_step = int(og.attrs["step_count"])
-        ck.optimizer_state = {s: _read_group(og[s], path, n) for s in og}
-        values: dict[str, Any] = {}
-        for fld in fields(TrainerState):
-            if fld.name == "extras":
-                continue
-            if fld.name not in tg.attrs:
-                raise UserError(f"checkpoint {path} lacks /trainer attribute {fld.name!r}")
-            values[fld.name] = type(fld.default)(tg.attrs[fld.name])
-        extras = {k: float(v) for k, v in tg.attrs.items() if k not in values}
-        ck.trainer = TrainerState(**values, extras=extras)
-        ck.rng = {k: (v.item() if hasattr(v, "item") else v) for k, v in rg.attrs.items()}
-        ck.seed = int(ck.rng["seed"])
-        if "epoch_order" in rg:
-            ds = rg["epoch_order"]
-            if ds.size and not ds.fletcher32:
-                raise UserError(f"checkpoint {path}: {ds.name} carries no checksum")
-            ck.epoch_order = ds[()]
-            n[0] += 1
+        _read_training(ck, groups, datasets, reader, model, path)
     ck.datasets = n[0]
     return ck
 
 
-def check_consistent(ck: Checkpoint, path: str | Path) -> None:
-    """The file against its own architecture: every array present, right shape and dtype."""
+def _read_training(ck: Checkpoint, groups: Any, datasets: Any, reader: Any, model: Any,
+                   path: Path) -> None:
+    """A checkpoint's optimizer, trainer and rng groups, into ``ck``."""
+    where = f"checkpoint {path}"
+    og, tg, rg = (_group(groups, g, path) for g in ("optimizer", "trainer", "rng"))
+    ck.optimizer_name = h5checks.attr_text(og, "name", where)
+    ck.optimizer_step = h5checks.attr_int(og, "step_count", where)
+    slots = sorted(p.rsplit("/", 1)[1] for p in groups if p.count("/") == 2
+                   and p.startswith("/optimizer/"))
+    stray = [p for p in datasets if p.count("/") == 2 and p.startswith("/optimizer/")]
+    if stray:
+        raise UserError(f"checkpoint {path}: {stray[0]} should be a group of arrays")
+    ck.optimizer_state = {s: reader.read(f"optimizer/{s}", model.param_slots) for s in slots}
+    values: dict[str, Any] = {}
+    for fld in fields(TrainerState):
+        if fld.name == "extras":
+            continue
+        get = h5checks.attr_float if fld.name == "best_metric" else h5checks.attr_int
+        values[fld.name] = get(tg, fld.name, where)
+    extras = {k: h5checks.attr_float(tg, k, where) for k in tg.attrs if k not in values}
+    ck.trainer = TrainerState(**values, extras=extras)
+    ck.seed = h5checks.attr_int(rg, "seed", where)
+    ck.rng = {"seed": ck.seed}
+    for key in ("epoch", "epoch_pos"):
+        ck.rng[key] = h5checks.attr_int(rg, key, where, required=False)
+    for key in ("bit_generator", "numpy_version", "scheme"):
+        ck.rng[key] = h5checks.attr_text(rg, key, where, required=False)
+    ck.rng = {k: v for k, v in ck.rng.items() if v is not None}
+    ds = datasets.get("/rng/epoch_order")
+    if "/rng/epoch_order" in groups:
+        raise UserError(f"checkpoint {path}: /rng/epoch_order should be an array")
+    if ds is not None:
+        if ds.dtype.kind not in "iu" or ds.ndim != 1:
+            raise UserError(f"checkpoint {path}: /rng/epoch_order must be a 1-d integer "
+                            f"array, not {ds.dtype} of shape {ds.shape}")
+        ck.epoch_order = reader.load(ds)
+
+
+def _json_attr(f: Any, key: str, where: str) -> dict[str, Any]:
+    text = h5checks.attr_text(f, key, where)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: architecture or config is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: the {key} attribute must be a JSON object, not "
+                        f"{type(value).__name__}")
+    return value
+
+
+def _model_of(architecture: dict[str, Any], path: Path) -> Any:
+    """The model an architecture from a file describes (whose layout the arrays follow)."""
     from .nn import Sequential  # noqa: PLC0415  (checkpoint -> nn, never the reverse)
 
     try:
-        model = Sequential.from_spec(ck.architecture)
-    except (UserError, ValueError, TypeError) as e:
+        return Sequential.from_spec(architecture)
+    except UserError as e:
         raise UserError(f"checkpoint {path}: its architecture cannot be built: {e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, MemoryError,
+            ZeroDivisionError) as e:  # any spec a file may hold: never a traceback
+        raise UserError(f"checkpoint {path}: its architecture cannot be built: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+def _group(groups: dict[str, Any], name: str, path: Path) -> Any:
+    g = groups.get(f"/{name}")
+    if g is None:
+        raise UserError(f"checkpoint {path} has no /{name} group")
+    return g
+
+
+class _ArrayReader:
+    """Reads the arrays of one group (params, state, an optimizer slot) in the model's
+    layout, checking each one's place, shape, dtype, checksum filter and storage from
+    its metadata before a byte of it is read."""
+
+    def __init__(self, groups: dict[str, Any], datasets: dict[str, Any], model: Any,
+                 where: str, counter: list[int]) -> None:
+        self.groups, self.datasets, self.model = groups, datasets, model
+        self.where, self.counter = where, counter
+
+    def read(self, kind: str, slots: Any) -> dict[tuple[str, str], np.ndarray]:
+        prefix = f"/{kind}"
+        if prefix not in self.groups:
+            if prefix in self.datasets:
+                raise UserError(f"{self.where}: {prefix} should be a group of arrays")
+            raise UserError(f"{self.where} has no {prefix} group")
+        want = {f"{prefix}/{s.layer}/{s.name}": s for s in slots}
+        for p in self.datasets:
+            if p.startswith(prefix + "/") and p not in want:
+                if p.count("/") == prefix.count("/") + 1:
+                    raise UserError(f"{self.where}: {p} should be a group of arrays")
+                raise UserError(f"{self.where} has {p}, which its architecture does not have")
+        out = {}
+        for p, s in want.items():
+            ds = self.datasets.get(p)
+            if ds is None:
+                if p in self.groups:
+                    raise UserError(f"{self.where}: {p} should be an array")
+                raise UserError(f"{self.where} lacks {p}")
+            if tuple(ds.shape) != s.shape:
+                raise UserError(f"{self.where}: {p} has shape {tuple(ds.shape)}, the model "
+                                f"expects {s.shape}")
+            if ds.dtype != self.model.dtype:
+                raise UserError(f"{self.where}: {p} is {ds.dtype}, the model is "
+                                f"{self.model.dtype.name}")
+            out[(s.layer, s.name)] = self.load(ds)
+        return out
+
+    def load(self, ds: Any) -> np.ndarray:
+        if ds.size > 0 and ds.ndim > 0 and not ds.fletcher32:
+            raise UserError(f"{self.where}: {ds.name} carries no checksum")
+        h5checks.check_stored(ds, self.where)
+        h5checks.check_complete(ds, self.where)
+        a = np.asarray(ds[()])  # HDF5 verifies the fletcher32 checksum here
+        self.counter[0] += 1
+        return a
+
+
+def check_consistent(ck: Checkpoint, path: str | Path) -> None:
+    """The file against its own architecture: every array present, right shape and dtype."""
+    model = _model_of(ck.architecture, Path(path))
     if model.dtype.name != ck.meta.get("dtype"):
         raise UserError(f"checkpoint {path}: dtype attribute {ck.meta.get('dtype')} differs "
                         f"from the architecture's {model.dtype.name}")
@@ -441,6 +543,36 @@ def _check_arrays(kind: str, slots: Any, arrays: dict[tuple[str, str], np.ndarra
         if a.dtype != dtype:
             raise UserError(f"checkpoint {path}: /{kind}/{s.layer}/{s.name} is {a.dtype}, "
                             f"the model is {np.dtype(dtype).name}")
+
+
+# -- non-finite values -----------------------------------------------------------------
+def _nonfinite(a: np.ndarray) -> int:
+    if a.dtype.kind not in "fc" or bool(np.isfinite(a).all()):
+        return 0
+    return int(a.size - np.count_nonzero(np.isfinite(a)))
+
+
+def nonfinite_counts(ck: Checkpoint) -> dict[str, int]:
+    """{array path: number of NaN/Inf values} over parameters, model and optimizer state,
+    for the arrays that hold any (empty for a healthy file)."""
+    groups = [("params", ck.params), ("state", ck.state)]
+    groups += [(f"optimizer/{s}", arrays) for s, arrays in sorted(ck.optimizer_state.items())]
+    out = {}
+    for kind, arrays in groups:
+        for (layer, name), a in sorted(arrays.items()):
+            bad = _nonfinite(a)
+            if bad:
+                out[f"/{kind}/{layer}/{name}"] = bad
+    return out
+
+
+def describe_nonfinite(counts: dict[str, int]) -> str:
+    """'1,234 NaN/Inf values in /params/01_dense/W, /params/01_dense/b and 2 more arrays'."""
+    names = list(counts)
+    shown = ", ".join(names[:2])
+    rest = f" and {len(names) - 2} more array{'s' if len(names) > 3 else ''}" \
+        if len(names) > 2 else ""
+    return f"{sum(counts.values()):,} NaN/Inf values in {shown}{rest}"
 
 
 def check_compatible(ck: Checkpoint, model: Any, path: str | Path) -> None:

@@ -185,7 +185,8 @@ def _model_of_run(run_dir: Path, say: bool) -> Path:
 def cmd_inspect(args: argparse.Namespace, run: _Run) -> int:
     from . import checkpoint as ckpt  # noqa: PLC0415
 
-    ck = ckpt.read_file(args.path)  # reads every dataset: HDF5 verifies each checksum
+    ck = ckpt.read_file(args.path, allow_nonfinite=True)  # HDF5 verifies each checksum
+    nonfinite = ckpt.nonfinite_counts(ck)  # reported, then exit 2
     n_params = sum(a.size for a in ck.params.values())
     if args.json:
         def plain(v: Any) -> Any:  # NaN is not JSON
@@ -200,8 +201,9 @@ def cmd_inspect(args: argparse.Namespace, run: _Run) -> int:
         if ck.kind == "checkpoint":  # what the text form prints on its optimizer line
             doc["optimizer"] = {"name": ck.optimizer_name, "step": ck.optimizer_step,
                                 "state": sorted(ck.optimizer_state)}
+        doc["nonfinite"] = nonfinite
         print(json.dumps(doc, default=str, indent=2))
-        return 0
+        return _inspect_verdict(args.path, nonfinite)
     m = ck.meta
     print(f"{args.path}: dptrain {ck.kind}, format version {m.get('format_version')}, "
           f"written by dptrain {m.get('dptrain_version')} on {m.get('created')}")
@@ -219,6 +221,14 @@ def cmd_inspect(args: argparse.Namespace, run: _Run) -> int:
     for line in architecture_table(ck.architecture):  # every layer, inside blocks too
         print(f"  {line}")
     print(f"  checksums: file SHA-256 ok, {ck.datasets} datasets with fletcher32 verified")
+    return _inspect_verdict(args.path, nonfinite)
+
+
+def _inspect_verdict(path: str, nonfinite: dict[str, int]) -> int:
+    from .checkpoint import describe_nonfinite  # noqa: PLC0415
+
+    if nonfinite:
+        raise UserError(f"checkpoint {path} holds {describe_nonfinite(nonfinite)}")
     return 0
 
 

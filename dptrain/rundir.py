@@ -1,55 +1,28 @@
 """The run directory: an exclusive lock, the resolved config and the metrics log.
 
-Only rank 0 touches it. The lock file names its owner's host and pid, so a second job
-pointed at the same directory fails with a clear message instead of interleaving files.
+Only rank 0 touches it. The lock (runlock.py) dies with its holder and names its owner's
+host and pid, so a second job pointed at the same directory fails with a clear message
+instead of interleaving files. Every write here is a one-line UserError when it fails
+(disk full, a directory where a file belongs), and leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .runlock import LOCK_NAME, RunLock
 
-LOCK_NAME = ".lock"
+__all__ = ["ARCHIVED", "LOCK_NAME", "RunDir"]
+
 #: files of a run that a new run (one that does not resume) moves to previous/<time>/
 ARCHIVED = ("checkpoints", "model.h5", "metrics.jsonl", "config.json")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _slurm_attempt() -> str:
-    """' slurm-job=ID.RESTARTS' inside a Slurm job (empty elsewhere), kept in the lock."""
-    job, restarts = os.environ.get("SLURM_JOB_ID", ""), os.environ.get("SLURM_RESTART_COUNT", "0")
-    return f" slurm-job={job}.{restarts}" if job.isdigit() and restarts.isdigit() else ""
-
-
-def _earlier_attempt(tags: list[str]) -> bool:
-    """A lock left by an earlier attempt of this requeued Slurm job, perhaps on another node.
-
-    Attempts of one job never overlap, so that owner is gone (killed before it could
-    unlock); a lock of this same attempt (two steps on one directory) is not stale.
-    """
-    mine = _slurm_attempt().strip().partition("=")[2]
-    for tag in tags:
-        key, _, value = tag.partition("=")
-        job, _, restarts = value.partition(".")
-        if key == "slurm-job" and mine and restarts.isdigit():
-            my_job, _, my_restarts = mine.partition(".")
-            return job == my_job and int(restarts) < int(my_restarts)
-    return False
+METRICS = "metrics.jsonl"
 
 
 class RunDir:
@@ -57,8 +30,8 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock: Path | None = None
-        self._metrics = None
+        self._lock: RunLock | None = None
+        self._metrics: int | None = None  # file descriptor, opened at the first record
         self.archived: Path | None = None
 
     def open(self, fresh: bool = False) -> RunDir:
@@ -70,42 +43,17 @@ class RunDir:
                             f"{e.strerror or e}") from None
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise UserError(f"run directory {self.path} is not writable")
-        self._acquire()
-        if fresh:
-            self._archive_previous()
+        self._lock = RunLock(self.path).acquire()
         try:
-            self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
-        except OSError as e:
+            if fresh:
+                self._archive_previous()
+            metrics = self.path / METRICS
+            if metrics.exists() and not (metrics.is_file() and os.access(metrics, os.W_OK)):
+                raise UserError(f"run directory {self.path}: {METRICS} is not a writable file")
+        except BaseException:
             self._release()
-            raise UserError(f"run directory {self.path}: cannot write metrics.jsonl: "
-                            f"{e.strerror or e}") from None
+            raise
         return self
-
-    def _acquire(self) -> None:
-        lock = self.path / LOCK_NAME
-        me = f"{socket.gethostname()} {os.getpid()}{_slurm_attempt()}"
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = lock.read_text(errors="replace").strip() if lock.exists() else ""
-                host, pid, *tags = owner.split() + ["", ""]
-                stale = (host == socket.gethostname() and pid.isdigit()
-                         and not _pid_alive(int(pid))) or _earlier_attempt(tags)
-                if stale:
-                    lock.unlink(missing_ok=True)
-                    continue
-                raise UserError(
-                    f"run directory {self.path} is in use by another job ({owner or 'unknown'}, "
-                    f"lock file {lock}); use another run_dir or remove the lock if that job "
-                    "is gone") from None
-            except OSError as e:
-                raise UserError(f"run directory {self.path} is not writable: "
-                                f"{e.strerror or e}") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me + "\n")
-            self._lock = lock
-            return
 
     def _archive_previous(self) -> Path | None:
         """A new run (no --resume) never mixes with, nor deletes, an earlier one's files."""
@@ -117,15 +65,19 @@ class RunDir:
         while dest.exists():
             n += 1
             dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
-        dest.mkdir(parents=True)
-        for p in old:
-            os.replace(p, dest / p.name)
+        try:
+            dest.mkdir(parents=True)
+            for p in old:
+                os.replace(p, dest / p.name)
+        except OSError as e:
+            raise UserError(f"run directory {self.path}: cannot move the earlier run's files "
+                            f"to {dest}: {e.strerror or e}") from None
         self.archived = dest
         return dest
 
     def _release(self) -> None:
         if self._lock is not None:
-            self._lock.unlink(missing_ok=True)
+            self._lock.release()
             self._lock = None
 
     def keep_config(self, name: str, resolved: dict[str, Any],
@@ -145,19 +97,53 @@ class RunDir:
         os.replace(current, self.path / name)
 
     def write_config(self, resolved: dict[str, Any]) -> None:
-        tmp = self.path / "config.json.tmp"
-        tmp.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path / "config.json")
+        """config.json, replaced atomically (a temporary file, fsync, rename)."""
+        text = json.dumps(resolved, indent=2, sort_keys=True) + "\n"
+        dest = self.path / "config.json"
+        tmp = self.path / f".config.json.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                _write_all(fd, text.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"run directory {self.path}: cannot write config.json: "
+                            f"{e.strerror or e}") from None
 
     def log(self, event: str, **fields: Any) -> None:
-        """Append one JSON object to metrics.jsonl."""
-        if self._metrics is None:
+        """Append one JSON object to metrics.jsonl: one whole line, or (disk full) a
+        one-line UserError and the file as it was."""
+        if self._lock is None:
             return
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        self._metrics.write(json.dumps(record, sort_keys=True, default=float) + "\n")
+        line = (json.dumps(record, sort_keys=True, default=float) + "\n").encode()
+        size = None
+        try:
+            if self._metrics is None:
+                self._metrics = os.open(self.path / METRICS,
+                                        os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                                        0o644)
+            size = os.fstat(self._metrics).st_size
+            _write_all(self._metrics, line)
+        except OSError as e:
+            if size is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._metrics, size)  # no half line
+            raise UserError(f"run directory {self.path}: cannot write {METRICS}: "
+                            f"{e.strerror or e}") from None
 
     def close(self) -> None:
         if self._metrics is not None:
-            self._metrics.close()
+            os.close(self._metrics)
             self._metrics = None
         self._release()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while len(view):
+        view = view[os.write(fd, view):]

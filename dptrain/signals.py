@@ -33,11 +33,16 @@ def _handler(signum: int, frame: Any) -> None:
 
 
 def install() -> None:
-    """Record the first SIGTERM/SIGUSR1 from now on instead of dying of it."""
+    """Record the first stop signal from now on instead of dying of it; then accept any
+    that is pending. A launcher may start the process with SIGTERM/SIGUSR1 blocked
+    (``env --block-signal``, as slurm/train.sbatch does), so that one arriving before
+    Python runs stays pending: it is delivered now, to the handler."""
     global _installed
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _handler)
-    _installed = True
+    if not _installed:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _handler)
+        _installed = True
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGUSR1))
 
 
 def installed() -> bool:

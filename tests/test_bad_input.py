@@ -216,9 +216,11 @@ def test_two_jobs_in_one_run_dir(tmp_path):
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              stdin=subprocess.DEVNULL)
     try:
-        lock = run / ".lock"
+        lock, metrics = run / ".lock", run / "metrics.jsonl"
         deadline = time.monotonic() + 30
-        while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+        # the first job's "start" record comes after its lock and config.json are written
+        while not (metrics.exists() and '"start"' in metrics.read_text()) \
+                and time.monotonic() < deadline:
             assert first.poll() is None, "the first job ended early"
             time.sleep(0.05)
         assert lock.read_text().split() == [socket.gethostname(), str(first.pid)]

@@ -25,7 +25,6 @@ from conftest import ROOT, child_env
 from dptrain import checkpoint as ckpt
 from dptrain.errors import UserError
 from dptrain.parallel.launch import check_srun_world as _check_srun_world
-from dptrain.rundir import RunDir
 
 SCRIPT = ROOT / "slurm" / "train.sbatch"
 GPU_SCRIPT = ROOT / "slurm" / "train_gpu.sbatch"
@@ -112,9 +111,8 @@ def submit(tmp: Path, name: str, tasks: int = 2, script_args: tuple[str, ...] = 
                if not k.startswith(("SLURM_", "DPTRAIN_"))}
     job_env.update(DPTRAIN_PYTHON=sys.executable, DPTRAIN_CONFIG=str(config),
                    DPTRAIN_RUN_DIR=str(run_dir), **env)
-    cmd = ["sbatch", "--parsable", f"--job-name=dptrain-{name}", "--nodes=1",
-           f"--ntasks-per-node={tasks}", "--time=10", f"--output={log}", f"--chdir={tmp}",
-           str(SCRIPT), *script_args]
+    cmd = ["sbatch", "--parsable", f"--job-name=dptrain-{name}", "-n", str(tasks),
+           "--time=10", f"--output={log}", f"--chdir={tmp}", str(SCRIPT), *script_args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=job_env)
     assert r.returncode == 0, f"sbatch failed: {r.stderr}"
     return Job(r.stdout.strip().split(";")[0], log, run_dir)
@@ -252,7 +250,12 @@ def preempted_run(workdir: Path, name: str, preempt: list[str]) -> tuple[Job, in
     assert m, f"no preemption checkpoint in the log\n{text}"
     step = int(m.group(1))
     assert 0 < step < STEPS
-    assert "training stopped on a signal (exit 75)" in text
+    assert ("training stopped on a signal (exit 75, dptrain's exit after its preemption "
+            "checkpoint: srun's 'Exited with exit code 75' above is expected)") in text
+    newest = ckpt.list_checkpoints(job.run_dir)  # after the resumed run: more than then
+    said = re.search(r"newest checkpoint on disk: (\S+);", text)
+    assert said and Path(said.group(1)) == ckpt.checkpoint_path(job.run_dir, step), text
+    assert newest[0] == ckpt.checkpoint_path(job.run_dir, STEPS)
     assert "attempt 2 (SLURM_RESTART_COUNT=1)" in text
     assert f"resumed from {m.group(2)} (epoch " in text
     events = metrics(job.run_dir)
@@ -284,6 +287,70 @@ def test_scontrol_requeue_checkpoints_and_resumes_exactly(completed: tuple[Job, 
     assert "caught SIGTERM: sending USR1 to the training step" in text  # srun gets no TERM
     assert "requeueing" not in text  # Slurm requeued it; the script did not do it again
     assert_same_params(job.run_dir / "model.h5", completed[0].run_dir / "model.h5")
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("event", ["attempt 1 (", "srun --mpi=pmi2"])
+def test_usr1_at_start_up_ends_in_a_clean_requeue(completed: tuple[Job, dict], workdir: Path,
+                                                  event: str) -> None:
+    """USR1 as soon as the job's log shows ``event`` (the script's first line, or the srun
+    command it starts): before the step, while Python starts, or at the first steps, it
+    ends in a requeue and an exact resume, never in tasks killed by the signal (138)."""
+    job = submit(workdir, "early-" + event.split()[0])
+    wait_until(job, lambda: event in job.text(), f"the log line {event!r}", 60)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=20)
+    check_early_usr1(job, completed[0])
+
+
+@pytest.mark.slurm
+def test_usr1_before_the_step_starts_it_not_at_all(completed: tuple[Job, dict],
+                                                   workdir: Path) -> None:
+    """USR1 while the script is still setting up (held, by event, in the activation of its
+    DPTRAIN_VENV): the step is not started, nothing is trained, the job requeues."""
+    venv = workdir / "holding-venv"
+    (venv / "bin").mkdir(parents=True)
+    go = venv / "go"
+    (venv / "bin" / "activate").write_text(
+        f"touch {venv}/waiting\nwhile [ ! -e {go} ]; do sleep 0.1; done\n")
+    job = submit(workdir, "early-venv", DPTRAIN_VENV=str(venv))
+    wait_until(job, lambda: (venv / "waiting").exists(), "the script to activate", 60)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=20)
+    wait_until(job, lambda: "caught SIGUSR1" in job.text(), "the script's trap", 60)
+    go.touch()
+    text = check_early_usr1(job, completed[0])
+    assert "SIGUSR1 came before the training step started: not starting it" in text
+
+
+def check_early_usr1(job: Job, reference: Job) -> str:
+    """The job requeued once, resumed and matches the reference; never exit 138."""
+    start_requeued_now(job)
+    info = wait_final(job)
+    text = job.text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.describe()
+    assert info["Restarts"] == "1", job.describe()
+    assert "caught SIGUSR1" in text and not re.search(r"exit (code )?138", text), text
+    assert "requeueing (requeue 1 of at most 10)" in text
+    assert "attempt 2 (SLURM_RESTART_COUNT=1)" in text
+    first = text[:text.index("attempt 2 (")]
+    if "not starting it" in first:  # the signal came before srun: nothing was trained
+        assert "no checkpoint on disk in" in first and "stopping on" not in first
+    else:
+        m = re.search(r"stopping on SIGUSR1 at step (\d+): checkpoint (\S+);", first)
+        assert m, text
+        assert f"newest checkpoint on disk: {m.group(2)};" in first
+    assert_same_params(job.run_dir / "model.h5", reference.run_dir / "model.h5")
+    return text
+
+
+@pytest.mark.slurm
+def test_sbatch_n_alone_sets_the_tasks_and_cpus(slurm: None, workdir: Path) -> None:
+    """`sbatch -n 2` gets 2 tasks on 2 CPUs (the script asks for --ntasks, which -n
+    overrides, not --ntasks-per-node, which would stay in force and reserve more)."""
+    job = submit(workdir, "minus-n", tasks=2)
+    info = wait_final(job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job.describe()
+    assert info["NumTasks"] == "2" and info["NumCPUs"] == "2", info
+    assert "attempt 1 (SLURM_RESTART_COUNT=0), 2 task(s)" in job.text()
 
 
 @pytest.mark.slurm
@@ -359,21 +426,3 @@ def test_srun_without_pmi_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PMI_RANK", "0")       # mpiexec inside an allocation
     _check_srun_world(1)
 
-
-def test_requeued_job_takes_over_its_own_stale_lock(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """An attempt killed before it unlocked (perhaps on another node) does not block the
-    next attempt of the same job; the same attempt, or another job, still does."""
-    lock = tmp_path / ".lock"
-    monkeypatch.setenv("SLURM_JOB_ID", "77")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    for owner in ("othernode 12345 slurm-job=77.1", "othernode 12345 slurm-job=78.0",
-                  "othernode 12345"):
-        lock.write_text(owner + "\n")
-        with pytest.raises(UserError, match="in use by another job"):
-            RunDir(tmp_path).open()
-    lock.write_text("othernode 12345 slurm-job=77.0\n")
-    rd = RunDir(tmp_path).open()
-    assert lock.read_text().split()[2] == "slurm-job=77.1"
-    rd.close()
-    assert not lock.exists()

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import h5checks
 from ..errors import UserError
 
 BUILTIN = ("digits", "synthetic")
@@ -202,14 +203,30 @@ def _synthetic(dt: np.dtype, seed: int, shape: tuple[int, ...], classes: int,
 def _load_h5(path: Path, label: str, dt: np.dtype) -> DataSplits:
     import h5py
 
-    if not h5py.is_hdf5(path):
-        raise UserError(f"{label}: not an HDF5 file")
+    try:
+        if not h5py.is_hdf5(path):
+            raise UserError(f"{label}: not an HDF5 file")
+        parts, num_classes = _read_h5(h5py, path, label)
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
+        # whatever HDF5 says about a damaged file: its metadata cannot be checksummed
+        raise UserError(f"{label}: damaged or unreadable HDF5 file ({_first_line(e)})") \
+            from None
+    return _assemble(parts, num_classes, label, path.stem, dt)
+
+
+def _read_h5(h5py: Any, path: Path, label: str
+             ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, str, str]], Any]:
+    """The splits' raw arrays and the num_classes attribute; h5py errors pass through."""
     with ExitStack() as stack:
         try:
             f = stack.enter_context(h5py.File(path, "r"))
         except OSError as e:
             raise UserError(f"{label}: cannot open HDF5 file ({_first_line(e)})") from e
         raw: dict[str, tuple[Any, Any]] = {}
+        for name in f:
+            if isinstance(name, bytes):  # h5py hands back undecodable names as bytes
+                raise UserError(f"{label}: the root group holds an object whose name is not "
+                                f"text ({name!r}); the file is damaged")
         for split in ("train", "test"):
             if split == "test" and "test" not in f:
                 continue
@@ -228,6 +245,7 @@ def _load_h5(path: Path, label: str, dt: np.dtype) -> DataSplits:
 
         def read(obj: Any, name: str) -> np.ndarray:
             _check_kind(obj.dtype, label, name)
+            h5checks.check_stored(obj, label)
             try:
                 return np.asarray(obj[()])
             except (OSError, ValueError, TypeError) as e:
@@ -235,7 +253,9 @@ def _load_h5(path: Path, label: str, dt: np.dtype) -> DataSplits:
 
         parts = {s: (read(x, f"/{s}/x"), read(y, f"/{s}/y"), f"/{s}/x", f"/{s}/y")
                  for s, (x, y) in raw.items()}
-    return _assemble(parts, num_classes, label, path.stem, dt)
+        h5checks.check_disjoint([a for pair in raw.values() for a in pair],
+                                path.stat().st_size, label)
+    return parts, num_classes
 
 
 def _load_npz(path: Path, label: str, dt: np.dtype) -> DataSplits:

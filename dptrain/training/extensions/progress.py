@@ -3,8 +3,8 @@
 ``progress = auto`` draws a live, full-width line (epoch, a bar, steps, running loss,
 samples/s, time left) on stderr when that stderr reaches a terminal, also through
 ``mpiexec`` or ``srun --pty``; where the output goes to a log (a batch job, a pipe, a
-file) it prints a plain ``progress:`` line every ``progress_every`` seconds (30) instead. ``bar`` (or
-``on``) forces the live line, ``lines`` the plain ones, ``off`` shows nothing.
+file) it prints a plain ``progress:`` line every ``progress_every`` seconds (30) instead.
+``bar`` (or ``on``) forces the live line, ``lines`` the plain ones, ``off`` shows nothing.
 
 The running loss is rank 0's own samples' mean (read on rank 0 alone, so it never costs
 the other ranks a collective); the epoch lines report the loss over every rank.
