@@ -350,7 +350,6 @@ def _num_classes(value: Any, label: str) -> int | None:
 
 def _make_split(x: np.ndarray, y: np.ndarray, xname: str, yname: str, split: str, label: str,
                 name: str, dt: np.dtype) -> Dataset:
-    where = f"{label}: {xname} ({split} split)"
     if x.ndim < 2:
         raise UserError(f"{label}: {xname} must have shape (N, *sample_shape), got {x.shape}")
     if y.ndim not in (1, 2):
@@ -361,20 +360,7 @@ def _make_split(x: np.ndarray, y: np.ndarray, xname: str, yname: str, split: str
                         f"{y.shape[0]}")
     if x.shape[0] == 0:
         raise UserError(f"{label}: {split} split is empty (0 samples)")
-    if x.dtype.kind == "f":
-        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
-        if bad:
-            raise UserError(f"{where} contains {bad} NaN/Inf values")
-    if x.dtype == np.uint8:
-        xo = x.astype(dt, order="C")
-        np.divide(xo, dt.type(255), out=xo)
-    else:
-        with np.errstate(over="ignore"):
-            xo = np.ascontiguousarray(x, dtype=dt)
-        if x.dtype.kind == "f":
-            bad = int(xo.size - np.count_nonzero(np.isfinite(xo)))
-            if bad:
-                raise UserError(f"{where} has {bad} values too large for {dt}")
+    xo = _inputs(x, f"{label}: {xname} ({split} split)", dt)
     if y.ndim == 1:
         yo = _labels(y, yname, split, label)
     else:
@@ -382,10 +368,31 @@ def _make_split(x: np.ndarray, y: np.ndarray, xname: str, yname: str, split: str
             raise UserError(f"{label}: {yname} has 0 target columns")
         with np.errstate(over="ignore"):
             yo = np.ascontiguousarray(y, dtype=dt)
-        bad = int(yo.size - np.count_nonzero(np.isfinite(yo)))
-        if bad:
-            raise UserError(f"{label}: {yname} ({split} split) contains {bad} NaN/Inf values")
+        _refuse_nonfinite(yo, f"{label}: {yname} ({split} split) contains {{}} NaN/Inf values")
     return Dataset(xo, yo, f"{name}/{split}")
+
+
+def _refuse_nonfinite(a: np.ndarray, message: str) -> None:
+    """One line (``message`` with the count) when a float array holds NaN/Inf."""
+    if a.dtype.kind == "f":
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise UserError(message.format(bad))
+
+
+def _inputs(x: np.ndarray, where: str, dt: np.dtype) -> np.ndarray:
+    """Inputs in ``dt``, C-contiguous: uint8 scaled by 1/255, everything else as it is;
+    NaN/Inf, and values too large for ``dt``, refused."""
+    _refuse_nonfinite(x, where + " contains {} NaN/Inf values")
+    if x.dtype == np.uint8:
+        xo = x.astype(dt, order="C")
+        np.divide(xo, dt.type(255), out=xo)
+        return xo
+    with np.errstate(over="ignore"):
+        xo = np.ascontiguousarray(x, dtype=dt)
+    if x.dtype.kind == "f":
+        _refuse_nonfinite(xo, where + f" has {{}} values too large for {dt}")
+    return xo
 
 
 def _labels(y: np.ndarray, yname: str, split: str, label: str) -> np.ndarray:
