@@ -227,6 +227,9 @@ class RunConfig:
 
     run_dir: str = opt("runs/default", "run directory: resolved config, metrics.jsonl, "
                                        "checkpoints, final model", metavar="DIR")
+    keep_previous: int = opt(3, "earlier runs a fresh run in the same run_dir keeps under "
+                                "run_dir/previous/ (the oldest beyond this are removed)",
+                             range=Range(0, 10**6))
     seed: int = opt(0, "seed for initialisation, shuffling and dropout",
                     range=Range(0, 2**63 - 1))
     log_every: int = opt(0, "also log every N steps (0 = per epoch only)", range=COUNT0)

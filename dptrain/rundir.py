@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,13 @@ METRICS = "metrics.jsonl"
 class RunDir:
     """Owns ``path`` for the duration of a run (rank 0 only)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, keep_previous: int = 3) -> None:
         self.path = Path(path)
+        self.keep_previous = keep_previous
         self._lock: RunLock | None = None
         self._metrics: int | None = None  # file descriptor, opened at the first record
         self.archived: Path | None = None
+        self.removed: list[Path] = []  # the oldest earlier runs, beyond keep_previous
 
     def open(self, fresh: bool = False) -> RunDir:
         """Create and lock the directory; ``fresh`` moves an earlier run's files aside."""
@@ -56,7 +59,8 @@ class RunDir:
         return self
 
     def _archive_previous(self) -> Path | None:
-        """A new run (no --resume) never mixes with, nor deletes, an earlier one's files."""
+        """A new run (no --resume) never mixes with an earlier one's files: they move to
+        previous/<time>/; of those, the newest ``keep_previous`` are kept."""
         old = [self.path / n for n in ARCHIVED if (self.path / n).exists()]
         if not old:
             return None
@@ -73,6 +77,11 @@ class RunDir:
             raise UserError(f"run directory {self.path}: cannot move the earlier run's files "
                             f"to {dest}: {e.strerror or e}") from None
         self.archived = dest
+        earlier = sorted((p for p in dest.parent.iterdir() if p.is_dir()),
+                         key=lambda p: (p.stat().st_mtime, p.name))
+        for p in earlier[:max(0, len(earlier) - self.keep_previous)]:
+            shutil.rmtree(p, ignore_errors=True)
+            self.removed.append(p)
         return dest
 
     def _release(self) -> None:

@@ -158,3 +158,24 @@ def test_inspect_json_says_what_the_text_says(tmp_path):
     assert doc["optimizer"] == {"name": "sgd", "step": 3, "state": ["momentum"]}
     assert "optimizer: sgd, step 3, state momentum" in text
     assert doc["trainer"]["global_step"] == 3 and "step 3" in text
+
+
+def test_earlier_runs_are_kept_up_to_keep_previous(tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "--max-steps", "1", "--progress", "off", "--run-dir", str(run),
+            "--keep-previous", "2"]
+    seeds = []
+    for seed in range(5):
+        proc = run_dptrain([*args, "--seed", str(seed)], timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        if seed:
+            assert f"held an earlier run; its files were moved to {run / 'previous'}" \
+                in proc.stdout
+        if seed >= 3:
+            assert "the oldest" in proc.stdout and "removed (keep_previous = 2)" in proc.stdout
+        seeds.append(seed)
+    kept = sorted((run / "previous").iterdir(), key=lambda p: p.stat().st_mtime)
+    assert len(kept) == 2
+    got = [json.loads((p / "config.json").read_text())["seed"] for p in kept]
+    assert got == [2, 3]  # the newest two earlier runs; the run itself holds seed 4
+    assert json.loads((run / "config.json").read_text())["seed"] == 4

@@ -191,10 +191,14 @@ class Trainer:
     def _open_run_dir(self, resume: Resume | None) -> None:
         """Rank 0 locks the run directory and records the resolved config."""
         run_dir = self.cfg.run.run_dir
-        self.run_dir = RunDir(run_dir).open(fresh=not self.cfg.checkpoint.resume)
+        self.run_dir = RunDir(run_dir, self.cfg.run.keep_previous).open(
+            fresh=not self.cfg.checkpoint.resume)
         if self.run_dir.archived is not None:
+            gone = (f"; the oldest, {', '.join(str(p) for p in self.run_dir.removed)}, "
+                    f"removed (keep_previous = {self.cfg.run.keep_previous})"
+                    if self.run_dir.removed else "")
             self.say(f"note: {run_dir} held an earlier run; its files were moved to "
-                     f"{self.run_dir.archived} (use --resume auto to continue a run)")
+                     f"{self.run_dir.archived}{gone} (use --resume auto to continue a run)")
         if resume is not None and resume.state is not None:  # the earlier options are kept
             self.run_dir.keep_config(f"config.step-{resume.state.global_step:09d}.json",
                                      self.cfg.resolved(), ignore=("resume",
