@@ -31,7 +31,6 @@ bytes it verified.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, h5checks
+from .atomic import write_atomic
 from .errors import UserError
 from .hooks import Hooks
 
@@ -111,19 +111,6 @@ def _h5py() -> Any:
     import h5py  # noqa: PLC0415  (keeps `--help` fast)
 
     return h5py
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
-        _fsync(path)
 
 
 def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -255,11 +242,6 @@ def _build_image(ck: Checkpoint, meta: dict[str, Any]) -> bytes:
         return f.id.get_file_image()
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while len(data):
-        data = data[os.write(fd, data):]
-
-
 #: the points where tests attach to the writer: before anything is written (on the
 #: writing rank) and when half of the file is on disk
 WRITE_POINTS = ("before_write", "mid_write")
@@ -288,27 +270,16 @@ def write_file(path: str | Path, ck: Checkpoint, hooks: Hooks | None = None) -> 
             "config": json.dumps(ck.config, sort_keys=True)}
     image = memoryview(_build_image(ck, meta))
     head = _header(ck.kind, USERBLOCK + len(image), hashlib.sha256(image).hexdigest())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    half = len(image) // 2
+
+    def mid_write(i: int) -> None:
+        if i == 2 and hooks:  # the header and half of the file are on disk
+            hooks.fire("mid_write", path=path, step=ck.trainer.global_step)
+
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, memoryview(head))
-            half = len(image) // 2
-            _write_all(fd, image[:half])
-            if hooks:
-                hooks.fire("mid_write", path=path, step=ck.trainer.global_step)
-            _write_all(fd, image[half:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        write_atomic(path, (head, image[:half], image[half:]), before_part=mid_write)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

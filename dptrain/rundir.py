@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
 from .errors import UserError
 from .runlock import LOCK_NAME, RunLock
 
@@ -108,18 +109,9 @@ class RunDir:
     def write_config(self, resolved: dict[str, Any]) -> None:
         """config.json, replaced atomically (a temporary file, fsync, rename)."""
         text = json.dumps(resolved, indent=2, sort_keys=True) + "\n"
-        dest = self.path / "config.json"
-        tmp = self.path / f".config.json.{os.getpid()}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                _write_all(fd, text.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
+            write_atomic(self.path / "config.json", [text.encode()])
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise UserError(f"run directory {self.path}: cannot write config.json: "
                             f"{e.strerror or e}") from None
 

@@ -13,12 +13,13 @@ origin).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .atomic import write_atomic
 
 #: thread rows of a rank: the step phases and layers, the gradient sum of the whole buffer
 #: (one blocking or shared-memory reduction), then one row per gradient bucket
@@ -87,10 +88,7 @@ class Timeline:
         p = Path(path)
         doc = {"traceEvents": self.events + self._metadata(), "displayTimeUnit": "ms",
                "otherData": {"rank": self.rank, "origin_unix_s": self._wall0}}
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, p)
-        return p
+        return write_atomic(p, [json.dumps(doc).encode()], sync=False)
 
 
 def rank_path(path: str | Path, rank: int) -> Path:
@@ -113,9 +111,6 @@ def merge_traces(paths: list[Path], out: Path) -> Path:
             if shift and "ts" in e:
                 e = dict(e, ts=round(e["ts"] + shift, 1))
             events.append(e)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
-                               "otherData": {"ranks": len(docs), "origin_unix_s": base}}))
-    os.replace(tmp, out)
-    return out
+    doc = {"traceEvents": events, "displayTimeUnit": "ms",
+           "otherData": {"ranks": len(docs), "origin_unix_s": base}}
+    return write_atomic(Path(out), [json.dumps(doc).encode()], sync=False)

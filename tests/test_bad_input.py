@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import ROOT, child_env, run_dptrain
+from refused import assert_one_error
 
 from dptrain import checkpoint as ckpt
 
@@ -28,20 +29,6 @@ TINY = ["--model", "mlp", "--epochs", "1", "--batch-size", "50", "--progress", "
         "--dtype", "float64"]
 DENSE_BN = [{"type": "flatten"}, {"type": "dense", "units": 16}, {"type": "batchnorm"},
             {"type": "relu"}, {"type": "dense", "units": 10}]
-
-
-def assert_one_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    """Exit 2 and a stderr of exactly one `dptrain: error:` line holding every fragment."""
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, out  # once, by rank 0 alone, no traceback
-    line = lines[0]
-    assert line.startswith("dptrain: error: "), out
-    assert "Traceback" not in out
-    for f in fragments:
-        assert f in line, line
-    return line
 
 
 def train(tmp_path: Path, *args: str, n: int | None = None, **env: str

@@ -9,26 +9,12 @@ from pathlib import Path
 import pytest
 from ckpt_runs import BASE, STEPS_PER_EPOCH, train
 from conftest import run_dptrain
+from refused import assert_one_error, assert_unchanged, snapshot
 
 from dptrain import checkpoint as ckpt
 
 ARGS = [*BASE, "--optimizer", "adam", "--lr", "0.01", "--checkpoint-every", "10",
         "--max-steps", "20"]
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` by relative path, with its bytes (directories too)."""
-    return {str(p.relative_to(root)) + ("/" if p.is_dir() else ""):
-            (b"" if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
-
-
-def one_error(proc, fragment: str) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("dptrain: error: "), proc.stderr
-    assert fragment in lines[0], lines[0]
-    assert "Traceback" not in proc.stdout + proc.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +38,20 @@ REFUSALS = [
 @pytest.mark.parametrize("n", [None, 2])
 @pytest.mark.parametrize("extra,fragment", REFUSALS)
 def test_refused_resume_leaves_the_run_directory_as_it_was(finished, extra, fragment, n):
-    before = tree(finished)
+    before = snapshot(finished)
     proc = run_dptrain(["--run-dir", str(finished), *ARGS, "--max-steps", "30", *extra,
                         "--resume", "auto"], n=n, timeout=120)
-    one_error(proc, fragment)
-    assert tree(finished) == before
+    assert_one_error(proc, fragment)
+    assert_unchanged(before, finished)
 
 
 def test_truncated_resume_path_changes_nothing(finished, tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(ckpt.checkpoint_path(finished, 20).read_bytes()[:-100])
-    before = tree(finished)
+    before = snapshot(finished)
     proc = run_dptrain(["--run-dir", str(finished), *ARGS, "--resume", str(bad)], timeout=60)
-    one_error(proc, f"checkpoint {bad} is not a readable HDF5 file")
-    assert tree(finished) == before
+    assert_one_error(proc, f"checkpoint {bad} is not a readable HDF5 file")
+    assert_unchanged(before, finished)
 
 
 def test_allowed_change_keeps_the_earlier_config(finished, tmp_path):
@@ -104,10 +90,10 @@ def test_unwritable_output_paths_are_refused_before_training(tmp_path, n):
     run = tmp_path / "run"
     proc = run_dptrain(["--run-dir", str(run), *ARGS, "--timeline", "/nonexistent/t.json"],
                        n=n, timeout=60)
-    one_error(proc, "timeline /nonexistent/t.json: directory /nonexistent does not exist")
+    assert_one_error(proc, "timeline /nonexistent/t.json: directory /nonexistent does not exist")
     assert not run.exists()
     proc = run_dptrain(["--run-dir", str(run), *ARGS, "--timeline", str(tmp_path)], timeout=60)
-    one_error(proc, "is a directory; give a file name")
+    assert_one_error(proc, "is a directory; give a file name")
 
 
 def test_more_threads_than_cores_is_refused(tmp_path):
@@ -116,4 +102,4 @@ def test_more_threads_than_cores_is_refused(tmp_path):
     cores = len(os.sched_getaffinity(0))
     proc = run_dptrain(["--run-dir", str(tmp_path / "run"), *ARGS, "--threads",
                         str(cores + 1)], timeout=60)
-    one_error(proc, f"threads {cores + 1} is more than the {cores} core(s)")
+    assert_one_error(proc, f"threads {cores + 1} is more than the {cores} core(s)")

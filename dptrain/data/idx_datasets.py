@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_atomic
 from ..errors import UserError
 from .idx import read_idx
 from .writer import save_hdf5
@@ -191,13 +192,7 @@ def cache_problem(path: Path, digest: str) -> str:
 
 
 def _write_digest(path: Path) -> None:
-    side = _digest_path(path)
-    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{file_sha256(path)}  {path.name}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, side)
+    write_atomic(_digest_path(path), [f"{file_sha256(path)}  {path.name}\n".encode()])
 
 
 def _stderr(msg: str) -> None:

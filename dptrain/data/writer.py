@@ -13,19 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import fsync_dir
+
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_hdf5(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -68,7 +62,7 @@ def save_hdf5(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]],
                 os.fsync(fh.fileno())
         os.replace(tmp, out)
         if fsync:
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
