@@ -74,24 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- one run ------------------------------------------------------------------------------
-class LossRecorder:
-    """Wraps the trainer's loss: remembers the first and the latest loss value (as arrays,
-    so the step is not synchronised), delegates everything else."""
+class LossEnds:
+    """The loss of the first and of the latest step this rank ran, from the steps' reports
+    (kept as arrays, so that a GPU step is not synchronised to read them)."""
 
-    def __init__(self, loss: Any) -> None:
-        self._loss = loss
+    def __init__(self) -> None:
         self.first: Any = None
         self.last: Any = None
 
-    def forward(self, *a: Any, **kw: Any) -> Any:
-        value = self._loss.forward(*a, **kw)
+    def add(self, report: Any) -> None:
+        loss = report.sums[0:1].copy()  # the report's sums are reused by the next step
         if self.first is None:
-            self.first = value
-        self.last = value
-        return value
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loss, name)
+            self.first = loss
+        self.last = loss
 
 
 def full_batches(trainer: Trainer, global_batch: int) -> Iterator[Batch]:
@@ -107,11 +102,15 @@ def full_batches(trainer: Trainer, global_batch: int) -> Iterator[Batch]:
         epoch += 1
 
 
-def run_step(trainer: Trainer, batch: Batch, meter: EpochMeter | None = None) -> None:
-    """One training step through the trainer's public step (its phases added to ``meter``)."""
+def run_step(trainer: Trainer, batch: Batch, meter: EpochMeter | None = None,
+             losses: LossEnds | None = None) -> None:
+    """One training step through the trainer's public step (its phases added to ``meter``,
+    its loss to ``losses``)."""
     report = trainer.step(batch, trainer.schedule(batch.step - 1))
     if meter is not None:
         meter.add(report)
+    if losses is not None:
+        losses.add(report)
 
 
 def rss_mb() -> float:
@@ -180,7 +179,7 @@ class GemmSet:
 
     def time(self) -> tuple[float, float]:
         """Seconds of one set: (as the step runs them, i.e. no input gradient for the first
-        layer; with all three GEMMs per layer, the issue's 3 x forward FLOPs)."""
+        layer; with all three GEMMs per layer, the target's 3 x forward FLOPs)."""
         used = extra = 0.0
         for op, needed in self.ops:
             t0 = time.perf_counter()
@@ -269,15 +268,16 @@ def bench_trainer(args: argparse.Namespace, comm: Communicator, run_dir: str,
 
 
 def timed_steps(trainer: Trainer, batches: Iterator[Batch], n: int,
-                meter: EpochMeter | None = None) -> tuple[list[float], list[float]]:
+                meter: EpochMeter | None = None, losses: LossEnds | None = None
+                ) -> tuple[list[float], list[float]]:
     """Seconds of each of ``n`` training steps, and of each step's wait for the gradient
-    sum (the phases' times add up in ``meter`` when given)."""
+    sum (the phases' times add up in ``meter``, the losses in ``losses``, when given)."""
     steps: list[float] = []
     waits: list[float] = []
     for _ in range(n):
         batch = next(batches)
         t0 = time.perf_counter()
-        run_step(trainer, batch, meter)
+        run_step(trainer, batch, meter, losses)
         steps.append(time.perf_counter() - t0)
         waits.append(trainer.placement.sync.wait_seconds)
     return steps, waits
@@ -366,21 +366,20 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
     scaling = None
     try:
         trainer.prepare()
-        recorder = LossRecorder(trainer.step.loss)
-        trainer.step.loss = recorder
+        losses = LossEnds()
         batches = full_batches(trainer, global_batch)
-        timed_steps(trainer, batches, args.warmup)
+        timed_steps(trainer, batches, args.warmup, losses=losses)
         rss_start = rss_mb()
         meter = EpochMeter()
         comm.barrier()
         t_start = time.perf_counter()
-        steps, waits = timed_steps(trainer, batches, args.steps, meter)
+        steps, waits = timed_steps(trainer, batches, args.steps, meter, losses)
         wall = time.perf_counter() - t_start
         step_s, wait_s = np.array(steps), np.array(waits)
         comm.barrier()
         rss_growth = rss_mb() - rss_start
         peak_rss = peak_rss_mb()  # training's own, before the comparisons add arrays
-        loss_ends = [float(recorder.first), float(recorder.last)]
+        loss_ends = [float(losses.first[0]), float(losses.last[0])]
         n_params = trainer.model.num_params
         allreduce_s = time_allreduce(comm, trainer.model.xp, n_params, args.dtype,
                                      args.allreduce_reps)
