@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shlex
 import struct
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from dptrain.nn.pool import MaxPool2D
 BENCH = str(ROOT / "scripts" / "bench.py")
 MATRIX = str(ROOT / "scripts" / "bench_matrix.py")
 REFERENCE = ROOT / "scripts" / "reference" / "pytorch-2.13-cpu.json"
+PERFORMANCE_DOC = ROOT / "docs" / "performance.md"
 PLOT = str(ROOT / "scripts" / "plot_metrics.py")
 KEYS = {"model", "world_size", "batch_per_rank", "global_batch", "threads_per_rank", "steps",
         "warmup", "samples_per_sec", "step_time_ms", "step_time_ms_p10", "step_time_ms_p90",
@@ -472,6 +475,48 @@ def test_matrix_option_mistakes_are_one_line_errors(args, match):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("dptrain: error: ")
     assert match in proc.stderr
+
+
+#: small sizes appended to a documented command (argparse keeps the last of an option)
+SIZES = {"bench.py": ["--steps", "2", "--warmup", "1", "--alloc-steps", "1",
+                      "--allreduce-reps", "2", "--gemm-rounds", "1", "--batch-per-rank", "8"],
+         "bench_matrix.py": ["--steps", "2", "--warmup", "1", "--alloc-steps", "0",
+                             "--allreduce-reps", "2", "--gemm-rounds", "1",
+                             "--batch-per-rank", "8", "--paired-scaling", "1",
+                             "--repeat", "1"]}
+
+
+def documented_commands() -> list[str]:
+    """Every command of docs/performance.md that starts a benchmark script."""
+    text = PERFORMANCE_DOC.read_text()
+    pattern = r"(?:mpiexec -n \d+ )?python scripts/bench\w*\.py"
+    found = re.findall(rf"^ {{4}}({pattern}.*)$", text, re.M)
+    found += re.findall(rf"`({pattern}[^`]*)`", text)
+    return list(dict.fromkeys(found))
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_documented_benchmark_commands_run(tmp_path):
+    commands = documented_commands()
+    assert any(c.startswith("python scripts/bench_matrix.py") for c in commands), commands
+    assert any(c.startswith("mpiexec -n 2 python scripts/bench.py") for c in commands)
+    exe = mpiexec_path()
+    for command in commands:
+        argv = shlex.split(command)
+        launch: list[str] = []
+        if argv[0] == "mpiexec":
+            if exe is None:
+                continue
+            launch, argv = [exe, *argv[1:3]], argv[3:]
+        script = argv[1]
+        # as written, from a fresh directory, with small sizes appended
+        cmd = [*launch, sys.executable, str(ROOT / script), *argv[2:],
+               *SIZES[Path(script).name]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path, env=child_env(), stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+        assert proc.stdout.strip(), command
 
 
 # -- plot_metrics ---------------------------------------------------------------------------
