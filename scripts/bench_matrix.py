@@ -431,8 +431,12 @@ def plot(records: list[dict[str, Any]], ref: Reference, path: str) -> None:
             top = [f.high if f else 0 for f in figs]
             spread = [f.high - f.low if f else 0 for f in figs]
             taken = next(f.taken for f in figs if f)
-            ax.bar(x + 0.2, top, 0.4, yerr=[spread, [0] * len(rs)], capsize=3,
-                   label=f"{ref.system}, {taken.machine_short}", color="#bbbbbb")
+            ax.bar(x + 0.2, top, 0.4, label=f"{ref.system}, {taken.machine_short}",
+                   color="#bbbbbb")
+            ranged = [i for i, d in enumerate(spread) if d > 0]  # the reference's spread
+            if ranged:
+                ax.errorbar(x[ranged] + 0.2, [top[i] for i in ranged], capsize=3, fmt="none",
+                            yerr=[[spread[i] for i in ranged], [0] * len(ranged)], color="k")
         else:
             top = []
         ax.set_xticks(x, labels)
