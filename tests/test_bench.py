@@ -101,7 +101,7 @@ def test_bench_one_rank_reports_every_key(one_rank):
     assert np.isfinite(rec["loss_first"]) and rec["loss_first"] > 0
     assert rec["forward_ms"] > 0 and rec["backward_ms"] > 0 and rec["optimizer_ms"] > 0
     assert rec["peak_rss_mb"] > 10
-    # GEMM bound: the step skips the first layer's input gradient, the bound not
+    # GEMM bound: the step skips the first layer's input gradient, the target's bound does not
     assert 0 < rec["gemm_ms"] < rec["gemm_ms_3x_forward"]
     assert rec["gemm_bound_ratio"] == pytest.approx(
         rec["samples_per_sec"] / rec["gemm_bound_samples_per_sec"], rel=0.01)
