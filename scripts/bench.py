@@ -1,17 +1,15 @@
-"""Benchmark dptrain's training step: throughput, step-time spread, where the time goes,
-gradient sync against one raw allreduce, memory, and the bound set by the GEMMs alone.
+"""Benchmark dptrain's training step in one layout: throughput, step-time spread, where the
+time goes, gradient sync against one raw allreduce, memory, and the bound set by the GEMMs.
 
-    python scripts/bench.py --model mlp                  # one process
-    mpiexec -n 2 python scripts/bench.py --model cnn     # two ranks
-    python scripts/bench.py --matrix --out bench.md --plot bench.png
+    python scripts/bench.py --model mlp                       # one process
+    mpiexec -n 2 python scripts/bench.py --model cnn          # two ranks
+    python scripts/bench.py --model resnet20 --shape 32,32,3  # any preset, any image size
 
-It drives the trainer's public step (batch gather, forward, loss, backward with bucketed
-gradient sync, optimizer) on synthetic 28x28x1 inputs with 10 classes, SGD momentum 0.9,
-``--batch-per-rank`` samples per rank, timing ``--steps`` steps after ``--warmup`` untimed
-ones. Rank 0 prints one JSON line (the keys are described in the README, Performance).
-``--matrix`` runs mlp and cnn at 1 rank x 1 thread, 1 x 2 and 2 x 1 (starting mpiexec
-itself), writes a Markdown table with the ratios to PyTorch's numbers from issue 7, and
-with ``--plot`` a bar chart (matplotlib, the ``plot`` extra).
+It drives the public training step (``trainer.step``: batch gather, forward, loss,
+backward with gradient sync, optimizer) on synthetic inputs of ``--shape`` with 10
+classes, SGD momentum 0.9, ``--batch-per-rank`` samples per rank, timing ``--steps``
+steps after ``--warmup`` untimed ones. Rank 0 prints one JSON line (its keys are described
+in docs/performance.md). scripts/bench_matrix.py runs it over several models and layouts.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,15 +29,18 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_options, beside this file
 try:
     import dptrain  # noqa: F401
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_options import add_run_options, count, image_shape
+
 from dptrain.cli import OneLineParser, fail
 from dptrain.config import make_config
 from dptrain.errors import UserError
-from dptrain.nn import Sequential
+from dptrain.nn import PRESETS
 from dptrain.nn.conv import Conv2D
 from dptrain.nn.dense import Dense
 from dptrain.parallel import Communicator, NodeSharedCopy, make_communicator
@@ -49,100 +49,44 @@ from dptrain.timeline import merge_traces, rank_path
 from dptrain.training import Batch, EpochMeter, Trainer, build_trainer
 from dptrain.training.meter import PHASES
 
-#: samples/s (global) of PyTorch 2.13 on CPU, 2 vCPUs, from issue 7: (model, ranks, threads)
-PYTORCH = {("mlp", 1, 1): 8271, ("mlp", 1, 2): 12140, ("mlp", 2, 1): 9290,
-           ("cnn", 1, 1): 736, ("cnn", 1, 2): 1279, ("cnn", 2, 1): 1324}
-LAYOUTS = ((1, 1), (1, 2), (2, 1))
 #: environment variables that change which OpenBLAS kernels run (recorded, never set)
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 FULL_BATCHES = 40  # full global batches per epoch of the synthetic training set
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
-
-
-def count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
+CLASSES = 10
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="python scripts/bench.py", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="mlp", choices=("mlp", "cnn"), help="model preset")
-    p.add_argument("--steps", type=positive, default=100, help="timed steps")
-    p.add_argument("--warmup", type=count, default=10, help="untimed steps before them")
-    p.add_argument("--batch-per-rank", type=positive, default=64, help="samples per rank")
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mlp", choices=sorted(PRESETS), help="model preset")
+    p.add_argument("--shape", type=image_shape, default=(28, 28, 1), metavar="H,W,C",
+                   help="one synthetic sample's height, width and channels (default 28,28,1)")
     p.add_argument("--threads", type=int, default=0,
                    help="BLAS threads per rank (0: cores on the node / ranks on the node)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--bucket-mb", type=float, default=4.0, help="gradient bucket size")
-    p.add_argument("--no-overlap", action="store_true",
-                   help="one blocking allreduce after backward instead of bucketed overlap")
-    p.add_argument("--mpi-sync", action="store_true",
-                   help="one replica per rank, gradients summed with MPI allreduce calls, "
-                        "even when every rank is on one node (the default there is memory "
-                        "the ranks share)")
+    add_run_options(p)
     p.add_argument("--gemm-bound", action="store_true",
                    help="also time the model's GEMMs alone and report samples/s / bound")
-    p.add_argument("--gemm-rounds", type=positive, default=8,
-                   help="with --gemm-bound: blocks of 10 steps and 10 GEMM sets, "
-                        "alternating, for the bound paired in time")
-    p.add_argument("--paired-scaling", type=count, default=None, metavar="ROUNDS",
+    p.add_argument("--paired-scaling", type=count, default=0, metavar="ROUNDS",
                    help="under mpiexec: also compare every rank training together with "
-                        "rank 0 alone, in ROUNDS alternating blocks of 10 steps (0: skip; "
-                        "default: 0, and 10 in the matrix's runs of several ranks)")
-    p.add_argument("--alloc-steps", type=count, default=5,
-                   help="steps traced with tracemalloc after the timed ones (0: skip)")
-    p.add_argument("--allreduce-reps", type=positive, default=30,
-                   help="repetitions of the standalone allreduce")
+                        "rank 0 alone, in ROUNDS alternating blocks of 10 steps (0: skip)")
     p.add_argument("--timeline", default="", help="write a Chrome trace of the run here")
-    p.add_argument("--seed", type=int, default=0)
-    m = p.add_argument_group("matrix")
-    m.add_argument("--matrix", action="store_true",
-                   help="run mlp and cnn at 1x1, 1x2 and 2x1 (ranks x threads)")
-    m.add_argument("--models", default="mlp,cnn", help="models of the matrix")
-    m.add_argument("--layouts", default="1x1,1x2,2x1", help="ranks x threads of the matrix")
-    m.add_argument("--out", default="", help="also write the Markdown table to this file")
-    m.add_argument("--json-out", default="", help="also write the matrix records (JSON lines)")
-    m.add_argument("--plot", default="", help="bar chart of the matrix (PNG, matplotlib)")
-    m.add_argument("--repeat", type=positive, default=1,
-                   help="runs per layout; the fastest is kept (for a machine shared with "
-                        "other work, where the fastest run is the least disturbed)")
-    m.add_argument("--timeout", type=positive, default=900, help="seconds per matrix run")
-    args = p.parse_args(argv)
-    if args.bucket_mb <= 0:
-        p.error("--bucket-mb must be positive")
-    if args.plot and not args.matrix:
-        p.error("--plot needs --matrix")
-    return args
+    return p.parse_args(argv)
 
 
 # -- one run ------------------------------------------------------------------------------
-class LossRecorder:
-    """Wraps the trainer's loss: remembers the first and the latest loss value (as arrays,
-    so the step is not synchronised), delegates everything else."""
+class LossEnds:
+    """The loss of the first and of the latest step this rank ran, from the steps' reports
+    (kept as arrays, so that a GPU step is not synchronised to read them)."""
 
-    def __init__(self, loss: Any) -> None:
-        self._loss = loss
+    def __init__(self) -> None:
         self.first: Any = None
         self.last: Any = None
 
-    def forward(self, *a: Any, **kw: Any) -> Any:
-        value = self._loss.forward(*a, **kw)
+    def add(self, report: Any) -> None:
+        loss = report.sums[0:1].copy()  # the report's sums are reused by the next step
         if self.first is None:
-            self.first = value
-        self.last = value
-        return value
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loss, name)
+            self.first = loss
+        self.last = loss
 
 
 def full_batches(trainer: Trainer, global_batch: int) -> Iterator[Batch]:
@@ -158,11 +102,15 @@ def full_batches(trainer: Trainer, global_batch: int) -> Iterator[Batch]:
         epoch += 1
 
 
-def run_step(trainer: Trainer, batch: Batch, meter: EpochMeter | None = None) -> None:
-    """One training step through the trainer's public step (its phases added to ``meter``)."""
+def run_step(trainer: Trainer, batch: Batch, meter: EpochMeter | None = None,
+             losses: LossEnds | None = None) -> None:
+    """One training step through the trainer's public step (its phases added to ``meter``,
+    its loss to ``losses``)."""
     report = trainer.step(batch, trainer.schedule(batch.step - 1))
     if meter is not None:
         meter.add(report)
+    if losses is not None:
+        losses.add(report)
 
 
 def rss_mb() -> float:
@@ -187,20 +135,30 @@ def blas_info() -> tuple[str, int]:
     return "unknown", 0
 
 
-def gemm_shapes(model: Sequential, batch: int) -> list[tuple[str, int, int, int, bool]]:
+def leaf_layers(model: Any) -> list[Any]:
+    """The layers that compute, blocks opened up (``model.leaf_layers()``), in forward
+    order; a model without blocks has only ``model.layers``."""
+    leaves = getattr(model, "leaf_layers", None)
+    return list(leaves()) if callable(leaves) else list(model.layers)
+
+
+def gemm_shapes(model: Any, batch: int) -> list[tuple[str, int, int, int, bool]]:
     """(layer, M, K, N, needs input gradient) of the forward GEMM of every dense and conv
-    layer; backward does (K, M) @ (M, N) for the weights and (M, N) @ (N, K) for dx."""
-    owners = {s.layer for s in model.param_slots}
-    first = next((i for i, layer in enumerate(model.layers) if layer.name in owners), 0)
+    layer, blocks' layers included; backward does (K, M) @ (M, N) for the weights and
+    (M, N) @ (N, K) for dx. The first layer with parameters computes no input gradient
+    (nothing in front of it learns); a model whose first layer is a block of parallel
+    paths skips the input gradient of each path's first layer, which this counts."""
     shapes = []
-    for i, layer in enumerate(model.layers):
+    first = True
+    for layer in leaf_layers(model):
         if isinstance(layer, Dense):
-            shapes.append((layer.name, batch, layer.in_shape[0], layer.units, i > first))
+            shapes.append((layer.name, batch, layer.in_shape[0], layer.units, not first))
         elif isinstance(layer, Conv2D):
             ho, wo, f = layer.out_shape
             kh, kw = layer.kernel_hw
             shapes.append((layer.name, batch * ho * wo, kh * kw * layer.in_shape[2], f,
-                           i > first))
+                           not first))
+        first = first and not layer.param_shapes()
     return shapes
 
 
@@ -221,7 +179,7 @@ class GemmSet:
 
     def time(self) -> tuple[float, float]:
         """Seconds of one set: (as the step runs them, i.e. no input gradient for the first
-        layer; with all three GEMMs per layer, the issue's 3 x forward FLOPs)."""
+        layer; with all three GEMMs per layer, the target's 3 x forward FLOPs)."""
         used = extra = 0.0
         for op, needed in self.ops:
             t0 = time.perf_counter()
@@ -299,8 +257,8 @@ def bench_trainer(args: argparse.Namespace, comm: Communicator, run_dir: str,
     n_train = args.batch_per_rank * comm.size * FULL_BATCHES
     samples = -(-n_train * 5 // 4) + 2  # 20% of them become the test split
     cfg = make_config({
-        "model": args.model, "dataset": "synthetic", "synthetic_shape": [28, 28, 1],
-        "synthetic_classes": 10, "synthetic_samples": samples, "dtype": args.dtype,
+        "model": args.model, "dataset": "synthetic", "synthetic_shape": list(args.shape),
+        "synthetic_classes": CLASSES, "synthetic_samples": samples, "dtype": args.dtype,
         "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "batch_per_rank": args.batch_per_rank,
         "bucket_mb": args.bucket_mb, "overlap": not args.no_overlap, "seed": args.seed,
         "shared_memory_sync": not args.mpi_sync,
@@ -310,15 +268,16 @@ def bench_trainer(args: argparse.Namespace, comm: Communicator, run_dir: str,
 
 
 def timed_steps(trainer: Trainer, batches: Iterator[Batch], n: int,
-                meter: EpochMeter | None = None) -> tuple[list[float], list[float]]:
+                meter: EpochMeter | None = None, losses: LossEnds | None = None
+                ) -> tuple[list[float], list[float]]:
     """Seconds of each of ``n`` training steps, and of each step's wait for the gradient
-    sum (the phases' times add up in ``meter`` when given)."""
+    sum (the phases' times add up in ``meter``, the losses in ``losses``, when given)."""
     steps: list[float] = []
     waits: list[float] = []
     for _ in range(n):
         batch = next(batches)
         t0 = time.perf_counter()
-        run_step(trainer, batch, meter)
+        run_step(trainer, batch, meter, losses)
         steps.append(time.perf_counter() - t0)
         waits.append(trainer.placement.sync.wait_seconds)
     return steps, waits
@@ -407,21 +366,20 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
     scaling = None
     try:
         trainer.prepare()
-        recorder = LossRecorder(trainer.step.loss)
-        trainer.step.loss = recorder
+        losses = LossEnds()
         batches = full_batches(trainer, global_batch)
-        timed_steps(trainer, batches, args.warmup)
+        timed_steps(trainer, batches, args.warmup, losses=losses)
         rss_start = rss_mb()
         meter = EpochMeter()
         comm.barrier()
         t_start = time.perf_counter()
-        steps, waits = timed_steps(trainer, batches, args.steps, meter)
+        steps, waits = timed_steps(trainer, batches, args.steps, meter, losses)
         wall = time.perf_counter() - t_start
         step_s, wait_s = np.array(steps), np.array(waits)
         comm.barrier()
         rss_growth = rss_mb() - rss_start
         peak_rss = peak_rss_mb()  # training's own, before the comparisons add arrays
-        loss_ends = [float(recorder.first), float(recorder.last)]
+        loss_ends = [float(losses.first[0]), float(losses.last[0])]
         n_params = trainer.model.num_params
         allreduce_s = time_allreduce(comm, trainer.model.xp, n_params, args.dtype,
                                      args.allreduce_reps)
@@ -458,7 +416,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
     samples_per_sec = world * args.batch_per_rank * args.steps / wall
     fwd_flops = trainer.model.flops_per_sample()
     rec: dict[str, Any] = {
-        "model": args.model, "world_size": world, "batch_per_rank": args.batch_per_rank,
+        "model": args.model, "input_shape": list(args.shape), "world_size": world,
+        "batch_per_rank": args.batch_per_rank,
         "global_batch": global_batch, "threads_per_rank": threads, "steps": args.steps,
         "warmup": args.warmup, "samples_per_sec": round(samples_per_sec, 1),
         "step_time_ms": round(1e3 * float(np.median(slowest)), 3),
@@ -502,303 +461,24 @@ def run_one(args: argparse.Namespace) -> dict[str, Any] | None:
     return rec
 
 
-# -- the matrix ---------------------------------------------------------------------------
-def mpiexec() -> str:
-    local = Path(sys.executable).parent / "mpiexec"
-    found = str(local) if local.exists() else shutil.which("mpiexec")
-    if not found:
-        fail("--matrix with several ranks needs mpiexec (pip install mpich)")
-    return found
-
-
-def parse_layouts(text: str) -> list[tuple[int, int]]:
-    out = []
-    for part in text.split(","):
-        try:
-            ranks, threads = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            fail(f"--layouts wants RANKSxTHREADS,... like 1x1,2x1, not {text!r}")
-        if ranks < 1 or threads < 1:
-            fail(f"--layouts: ranks and threads must be >= 1 in {part!r}")
-        out.append((ranks, threads))
-    return out
-
-
-def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Each (model, layout) in its own process (or mpiexec job), one after another; with
-    ``--repeat``, round after round over all of them (so that every layout sees the same
-    spells of other work on the machine), keeping each layout's fastest run."""
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for m in models:
-        if m not in ("mlp", "cnn"):
-            fail(f"--models: unknown model {m!r}; known: mlp, cnn")
-    cases = [(model, ranks, threads) for model in models
-             for ranks, threads in parse_layouts(args.layouts)]
-    runs: dict[tuple[str, int, int], list[dict[str, Any]]] = {c: [] for c in cases}
-    for _ in range(args.repeat):
-        for model, ranks, threads in cases:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--model", model,
-                   "--threads", str(threads), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch-per-rank", str(args.batch_per_rank),
-                   "--dtype", args.dtype, "--bucket-mb", str(args.bucket_mb),
-                   "--alloc-steps", str(args.alloc_steps), "--gemm-bound",
-                   "--gemm-rounds", str(args.gemm_rounds),
-                   "--allreduce-reps", str(args.allreduce_reps)]
-            if args.no_overlap:
-                cmd.append("--no-overlap")
-            if args.mpi_sync:
-                cmd.append("--mpi-sync")
-            if ranks > 1:
-                rounds = 10 if args.paired_scaling is None else args.paired_scaling
-                cmd = [mpiexec(), "-n", str(ranks), *cmd, "--paired-scaling", str(rounds)]
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-                       OPENBLAS_NUM_THREADS=str(threads))
-            runs[(model, ranks, threads)].append(
-                run_child(cmd, env, f"{model} {ranks}x{threads}", args.timeout))
-    records = []
-    for case in cases:
-        best = max(runs[case], key=lambda r: r["samples_per_sec"])
-        best["repeats"] = args.repeat
-        best["samples_per_sec_all_runs"] = [r["samples_per_sec"] for r in runs[case]]
-        for key in ("paired_scaling", "paired_scaling_balanced"):
-            values = [r[key] for r in runs[case] if key in r]
-            if values:
-                best[f"{key}_all_runs"] = values
-        records.append(best)
-    return records
-
-
-def run_child(cmd: list[str], env: dict[str, str], what: str, timeout: int) -> dict[str, Any]:
-    """One benchmark process (or mpiexec job); its JSON record."""
-    print(f"bench: {what} (ranks x threads) ...", file=sys.stderr, flush=True)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        print(f"dptrain: error: {what} took more than {timeout} s", file=sys.stderr)
-        raise SystemExit(1) from None
-    lines = [s for s in proc.stdout.splitlines() if s.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-3000:])
-        print(f"dptrain: error: {what} failed (exit {proc.returncode})", file=sys.stderr)
-        raise SystemExit(1)
-    return json.loads(lines[-1])
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}x" if a and b else "-"
-
-
-def markdown(records: list[dict[str, Any]]) -> str:
-    """The matrix as a Markdown table, then the issue's targets, each met or not."""
-    by = {(r["model"], r["world_size"], r["threads_per_rank"]): r for r in records}
-    head = ("| model | ranks x threads | samples/s | vs PyTorch | vs 1x1 | samples/s at p10 "
-            "step (vs 1x1) | step ms p10 / p50 / p90 | data / fwd / bwd / sync wait / opt ms "
-            "| allreduce raw / in step ms | GEMM bound samples/s (ratio) | peak RSS MB |")
-    lines = [head, "|" + "---|" * 11]
-    for r in records:
-        key = (r["model"], r["world_size"], r["threads_per_rank"])
-        one = by.get((r["model"], 1, 1))
-        torch = PYTORCH.get(key)
-        bound = r.get("gemm_bound_samples_per_sec")
-        lines.append(
-            f"| {r['model']} | {r['world_size']} x {r['threads_per_rank']} | "
-            f"{r['samples_per_sec']:,.0f} | {_ratio(r['samples_per_sec'], torch)} | "
-            f"{_ratio(r['samples_per_sec'], one['samples_per_sec'] if one else None)} | "
-            f"{r['samples_per_sec_p10']:,.0f} ("
-            f"{_ratio(r['samples_per_sec_p10'], one['samples_per_sec_p10'] if one else None)})"
-            f" | {r['step_time_ms_p10']:.2f} / {r['step_time_ms']:.2f} / "
-            f"{r['step_time_ms_p90']:.2f} | "
-            f"{r['data_ms']:.2f} / {r['forward_ms']:.2f} / {r['backward_ms']:.2f} / "
-            f"{r['sync_wait_ms']:.2f} / {r['optimizer_ms']:.2f} | "
-            + (f"{r['allreduce_ms_standalone']:.2f} / {r['allreduce_ms_in_step']:.2f} | "
-               if r["world_size"] > 1 else "- | ")
-            + (f"{bound:,.0f} ({r['gemm_bound_ratio']:.2f}) | " if bound else "- | ")
-            + f"{r['peak_rss_mb']:.0f} |")
-    if any(len(r.get("samples_per_sec_all_runs", [])) > 1 for r in records):
-        lines += ["", "Every run (samples/s, the fastest is in the table): " + "; ".join(
-            f"{r['model']} {r['world_size']}x{r['threads_per_rank']}: "
-            + ", ".join(f"{v:,.0f}" for v in r["samples_per_sec_all_runs"]) for r in records)]
-    paired = per_round_ratios(by)
-    medians = {m: float(np.median(rs)) for m, rs in paired}
-    if paired:
-        lines += ["", "2x1 / 1x1 within each round (a round runs every layout once, back "
-                  "to back, so a slow spell of the machine tends to hit both runs of a "
-                  "ratio): " + ratio_list(paired)]
-    in_job = two_rank_runs(by, "paired_scaling_all_runs")
-    if in_job:
-        lines += ["", "2x1 / 1x1 within each 2x1 run (its ranks train together and rank 0 "
-                  "trains alone, in alternating blocks of 10 steps): " + ratio_list(in_job)]
-        medians.update({m: float(np.median(rs)) for m, rs in in_job})
-    balanced = two_rank_runs(by, "paired_scaling_balanced_all_runs")
-    if balanced:
-        lines += ["", "The same if the ranks had done equal work each step (each rank's step "
-                  "less its wait for the gradient sum, averaged over the ranks; what is "
-                  "left below 2x is the ranks slowing each other down and the sum itself): "
-                  + ratio_list(balanced)]
-    lines += ["", "PyTorch 2.13 (CPU) samples/s from issue 7: "
-              + ", ".join(f"{m} {n}x{t} {v:,}" for (m, n, t), v in PYTORCH.items()), ""]
-    lines += ["| target | measured (wall clock) | met | at the p10 step time | met "
-              "| paired in time | met |", "|---|---|---|---|---|---|---|"]
-    wall = targets(by, "samples_per_sec")
-    fast = targets(by, "samples_per_sec_p10")
-    for (t, measured, ok), (_, measured10, ok10) in zip(wall, fast, strict=True):
-        model, need = t.split()[0], t.rsplit(">= ", 1)[-1].rstrip("x")
-        rounds = "- | -"
-        if "2x1 / 1x1" in t and model in medians:
-            rounds = f"{medians[model]:.3f}x | {'yes' if medians[model] >= float(need) else 'no'}"
-        gemm = by.get(("mlp", 1, 1), {}).get("paired_gemm_bound_3x_forward_ratio")
-        if "GEMM-alone" in t and gemm:
-            rounds = f"{gemm:.0%} | {'yes' if gemm >= 0.8 else 'no'}"
-        lines.append(f"| {t} | {measured} | {'yes' if ok else 'no'} | {measured10} | "
-                     f"{'yes' if ok10 else 'no'} | {rounds} |")
-    lines += ["", "Paired in time: a 2x1 / 1x1 ratio is the median over the 2x1 runs of "
-              "the ratio within each run (--paired-scaling; throughput from the mean step "
-              "times of its blocks), or without those, the median of the per-round ratios; "
-              "the GEMM bound is the median GEMM set over the median step, from alternating "
-              "blocks of 10 steps and 10 GEMM sets in the same process (--gemm-rounds)."]
-    first = records[0] if records else {}
-    lines += ["", f"BLAS: {first.get('blas', '?')}; environment: "
-              f"{first.get('blas_env') or 'no OpenBLAS/OMP variables set'}; "
-              f"{first.get('steps')} timed steps after {first.get('warmup')} warm-up steps, "
-              f"batch {first.get('batch_per_rank')} per rank, {first.get('dtype')}; "
-              f"fastest of {first.get('repeats', 1)} run(s) per layout."]
-    return "\n".join(lines) + "\n"
-
-
-def two_rank_runs(by: dict[tuple[str, int, int], dict[str, Any]], key: str
-                  ) -> list[tuple[str, list[float]]]:
-    """Each model's per-run values of ``key`` in its 2x1 layout, where recorded."""
-    return [(m, r[key]) for (m, n, t), r in by.items() if (n, t) == (2, 1) and r.get(key)]
-
-
-def ratio_list(per_model: list[tuple[str, list[float]]]) -> str:
-    """"mlp: 1.80x, 1.75x (median 1.78x); cnn: ..." """
-    return "; ".join(f"{m}: " + ", ".join(f"{v:.2f}x" for v in rs)
-                     + f" (median {float(np.median(rs)):.2f}x)" for m, rs in per_model)
-
-
-def per_round_ratios(by: dict[tuple[str, int, int], dict[str, Any]]
-                     ) -> list[tuple[str, list[float]]]:
-    """Each model's 2x1 / 1x1 throughput ratio within each ``--repeat`` round."""
-    out = []
-    for model in ("mlp", "cnn"):
-        one, two = by.get((model, 1, 1)), by.get((model, 2, 1))
-        if one and two:
-            a, b = two.get("samples_per_sec_all_runs", []), one.get("samples_per_sec_all_runs", [])
-            if len(a) == len(b) > 1:
-                out.append((model, [x / y for x, y in zip(a, b, strict=True)]))
-    return out
-
-
-def targets(by: dict[tuple[str, int, int], dict[str, Any]],
-            key: str = "samples_per_sec") -> list[tuple[str, str, bool]]:
-    """(target of issue 7, what was measured, met?) for the layouts that were run, with
-    throughput taken from ``key`` (wall clock, or the p10 step time)."""
-    out = []
-    mlp1, cnn1 = by.get(("mlp", 1, 1)), by.get(("cnn", 1, 1))
-    if mlp1:
-        v = mlp1[key]
-        out.append(("mlp 1x1 >= 1.4x PyTorch (11,600 samples/s)", f"{v:,.0f} "
-                    f"({v / PYTORCH[('mlp', 1, 1)]:.2f}x)", v >= 1.4 * PYTORCH[("mlp", 1, 1)]))
-        if mlp1.get("gemm_bound_3x_forward_samples_per_sec"):
-            b = mlp1["gemm_bound_3x_forward_samples_per_sec"]
-            out.append(("mlp 1x1 >= 80% of the GEMM-alone bound (3 x forward FLOPs)",
-                        f"{v / b:.0%} of {b:,.0f}", v >= 0.8 * b))
-    if cnn1:
-        v = cnn1[key]
-        out.append(("cnn 1x1 >= 1.0x PyTorch (736 samples/s)",
-                    f"{v:,.0f} ({v / PYTORCH[('cnn', 1, 1)]:.2f}x)", v >= PYTORCH[("cnn", 1, 1)]))
-    for model, need in (("mlp", 1.6), ("cnn", 1.9)):
-        one, two = by.get((model, 1, 1)), by.get((model, 2, 1))
-        if one and two:
-            s = two[key] / one[key]
-            out.append((f"{model} 2x1 / 1x1 >= {need}x", f"{s:.2f}x", s >= need))
-        if two and two["allreduce_ms_standalone"]:
-            q = two["allreduce_ms_in_step"] / two["allreduce_ms_standalone"]
-            out.append((f"{model} 2x1 sync per step <= 1.1x one raw allreduce",
-                        f"{two['allreduce_ms_in_step']:.2f} ms / "
-                        f"{two['allreduce_ms_standalone']:.2f} ms = {q:.2f}x", q <= 1.1))
-    return out
-
-
-def plot(records: list[dict[str, Any]], path: str) -> None:
-    """Samples/s next to PyTorch's (top) and the per-step time breakdown (bottom)."""
-    try:
-        import matplotlib  # noqa: PLC0415
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError:
-        fail("--plot needs matplotlib: pip install 'dptrain[plot]'")
-    models = list(dict.fromkeys(r["model"] for r in records))
-    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
-    colors = {"data": "#8c8c8c", "forward": "#4c72b0", "backward": "#dd8452",
-              "sync_wait": "#c44e52", "optimizer": "#55a868"}
-    for col, model in enumerate(models):
-        rs = [r for r in records if r["model"] == model]
-        labels = [f"{r['world_size']} rank{'s' if r['world_size'] > 1 else ''} x "
-                  f"{r['threads_per_rank']} thread{'s' if r['threads_per_rank'] > 1 else ''}"
-                  for r in rs]
-        x = np.arange(len(rs))
-        ax = axes[0][col]
-        ours = [r["samples_per_sec"] for r in rs]
-        theirs = [PYTORCH.get((model, r["world_size"], r["threads_per_rank"]), 0) for r in rs]
-        b1 = ax.bar(x - 0.2, ours, 0.4, label="dptrain", color="#4c72b0")
-        ax.bar(x + 0.2, theirs, 0.4, label="PyTorch 2.13 (issue 7)", color="#bbbbbb")
-        ax.bar_label(b1, labels=[f"{v:,.0f}" for v in ours], fontsize=8)
-        ax.set_xticks(x, labels)
-        ax.set_ylabel("samples / s (global)")
-        ax.set_title(f"{model}: throughput, batch {rs[0]['batch_per_rank']} per rank")
-        ax.set_ylim(0, 1.25 * max(ours + theirs))
-        ax.legend(loc="upper left", fontsize=8, ncol=2)
-        ax = axes[1][col]
-        bottom = np.zeros(len(rs))
-        for phase in PHASES:
-            vals = np.array([r[f"{phase}_ms"] for r in rs])
-            ax.bar(x, vals, 0.6, bottom=bottom, label=phase.replace("_", " "),
-                   color=colors[phase])
-            bottom += vals
-        ax.set_xticks(x, labels)
-        ax.set_ylabel("ms per step (slowest rank, mean)")
-        ax.set_title(f"{model}: where a step's time goes")
-        ax.set_ylim(0, 1.3 * max(bottom))
-        ax.legend(loc="upper left", fontsize=8, ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if not args.matrix:
-            rec = run_one(args)
-            if rec is not None:
-                print(json.dumps(rec), flush=True)
-                if "gemm_bound_ratio" in rec:
-                    print(f"bench: {rec['samples_per_sec']:,.0f} samples/s = "
-                          f"{rec['gemm_bound_ratio']:.0%} of the GEMM-alone bound "
-                          f"({rec['gemm_bound_samples_per_sec']:,.0f} samples/s); "
-                          f"paired in time, the median step takes "
-                          f"{rec['paired_step_ms']:.2f} ms against "
-                          f"{rec['paired_gemm_ms']:.2f} ms of its GEMMs alone "
-                          f"({rec['paired_gemm_bound_ratio']:.0%}) and "
-                          f"{rec['paired_gemm_ms_3x_forward']:.2f} ms of 3 x forward FLOPs "
-                          f"({rec['paired_gemm_bound_3x_forward_ratio']:.0%})",
-                          file=sys.stderr)
-            return 0
-        records = run_matrix(args)
+        rec = run_one(args)
     except UserError as e:
         fail(str(e))
-    table = markdown(records)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table)
-    if args.json_out:
-        Path(args.json_out).write_text("".join(json.dumps(r) + "\n" for r in records))
-    if args.plot:
-        plot(records, args.plot)
+    if rec is None:  # not rank 0
+        return 0
+    print(json.dumps(rec), flush=True)
+    if "gemm_bound_ratio" in rec:
+        print(f"bench: {rec['samples_per_sec']:,.0f} samples/s = "
+              f"{rec['gemm_bound_ratio']:.0%} of the GEMM-alone bound "
+              f"({rec['gemm_bound_samples_per_sec']:,.0f} samples/s); paired in time, the "
+              f"median step takes {rec['paired_step_ms']:.2f} ms against "
+              f"{rec['paired_gemm_ms']:.2f} ms of its GEMMs alone "
+              f"({rec['paired_gemm_bound_ratio']:.0%}) and "
+              f"{rec['paired_gemm_ms_3x_forward']:.2f} ms of 3 x forward FLOPs "
+              f"({rec['paired_gemm_bound_3x_forward_ratio']:.0%})", file=sys.stderr)
     return 0
 
 

@@ -1,19 +1,26 @@
-"""scripts/bench.py, scripts/plot_metrics.py, the timeline, and the fast paths of the layers.
+"""scripts/bench.py, scripts/bench_matrix.py and its reference file, scripts/plot_metrics.py,
+the timeline, and the fast paths of the layers.
 
 Functional only: the bench runs, reports every key with consistent values, 1 and 2 ranks
-agree on the loss, the trace holds what it should, the PNGs are written. No timing is
-asserted anywhere (the machine is shared; the bench reports speed, tests do not).
+agree on the loss, the trace holds what it should, the matrix judges the targets its data
+file sets, the PNGs are written. No timing is asserted anywhere (the machine is shared; the
+bench reports speed, tests do not).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import shlex
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, child_env, run_dptrain, run_python
+from conftest import ROOT, child_env, mpiexec_path, run_dptrain, run_python
 from gradcheck import bind
 
 from dptrain.nn import Context, Sequential, get_loss, layer_from_spec, preset_layers
@@ -22,6 +29,9 @@ from dptrain.nn.conv import Conv2D
 from dptrain.nn.pool import MaxPool2D
 
 BENCH = str(ROOT / "scripts" / "bench.py")
+MATRIX = str(ROOT / "scripts" / "bench_matrix.py")
+REFERENCE = ROOT / "scripts" / "reference" / "pytorch-2.13-cpu.json"
+PERFORMANCE_DOC = ROOT / "docs" / "performance.md"
 PLOT = str(ROOT / "scripts" / "plot_metrics.py")
 KEYS = {"model", "world_size", "batch_per_rank", "global_batch", "threads_per_rank", "steps",
         "warmup", "samples_per_sec", "step_time_ms", "step_time_ms_p10", "step_time_ms_p90",
@@ -91,7 +101,7 @@ def test_bench_one_rank_reports_every_key(one_rank):
     assert np.isfinite(rec["loss_first"]) and rec["loss_first"] > 0
     assert rec["forward_ms"] > 0 and rec["backward_ms"] > 0 and rec["optimizer_ms"] > 0
     assert rec["peak_rss_mb"] > 10
-    # GEMM bound: the step skips the first layer's input gradient, the issue's bound not
+    # GEMM bound: the step skips the first layer's input gradient, the target's bound does not
     assert 0 < rec["gemm_ms"] < rec["gemm_ms_3x_forward"]
     assert rec["gemm_bound_ratio"] == pytest.approx(
         rec["samples_per_sec"] / rec["gemm_bound_samples_per_sec"], rel=0.01)
@@ -236,13 +246,70 @@ def test_shared_grads_sum_exactly_in_rank_order(ranks):
         assert r["spans"] == ["allreduce (shared memory)"] * 3
 
 
-def test_matrix_writes_table_and_plot(tmp_path):
-    out, png, js = tmp_path / "bench.md", tmp_path / "bench.png", tmp_path / "bench.jsonl"
-    proc = run_python([BENCH, "--matrix", "--models", "mlp", "--layouts", "1x1,2x1",
-                       "--steps", "2", "--warmup", "1", "--batch-per-rank", "8",
+def load_script(name: str):
+    """scripts/NAME.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_takes_any_preset_and_input_shape():
+    rec = bench_record(["--model", "cnn", "--shape", "12,12,3", "--batch-per-rank", "4",
+                        "--gemm-bound", "--gemm-rounds", "1", *TINY])
+    assert (rec["model"], rec["input_shape"]) == ("cnn", [12, 12, 3])
+    # conv 3x3x3x32 + 32, conv 3x3x32x64 + 64, pooled twice to 3x3x64 = 576 -> 128 -> 10
+    assert rec["params"] == 896 + 18_496 + 576 * 128 + 128 + 128 * 10 + 10
+    assert rec["fwd_flops_per_sample"] == 2 * (12 * 12 * 27 * 32 + 6 * 6 * 288 * 64
+                                               + 576 * 128 + 128 * 10)
+    assert 0 < rec["gemm_ms"] < rec["gemm_ms_3x_forward"]
+
+
+def test_gemm_shapes_come_from_the_leaf_layers():
+    bench = load_script("bench")
+    model = Sequential([layer_from_spec(dict(s)) for s in preset_layers("cnn", 10)],
+                       (28, 28, 1))
+    shapes = bench.gemm_shapes(model, 16)
+    # (layer, M, K, N, input gradient): the first layer with parameters needs none
+    assert shapes == [("00_conv2d", 16 * 28 * 28, 9, 32, False),
+                      ("03_conv2d", 16 * 14 * 14, 9 * 32, 64, True),
+                      ("07_dense", 16, 7 * 7 * 64, 128, True),
+                      ("09_dense", 16, 128, 10, True)]
+    # the forward GEMMs are all of the model's multiply-adds
+    assert 2 * sum(m * k * n for _, m, k, n, _ in shapes) == 16 * model.flops_per_sample()
+
+    class Blocks:
+        """A model whose top level hides its computing layers inside a block."""
+
+        layers = [object()]
+
+        def leaf_layers(self):
+            return model.layers
+
+    assert bench.gemm_shapes(Blocks(), 16) == shapes
+
+
+def matrix(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return run_python([MATRIX, "--steps", "2", "--warmup", "1", "--batch-per-rank", "8",
                        "--alloc-steps", "0", "--allreduce-reps", "2", "--gemm-rounds", "1",
-                       "--paired-scaling", "1", "--out", str(out),
-                       "--json-out", str(js), "--plot", str(png)], timeout=120)
+                       *args], timeout=timeout)
+
+
+def target_rows(table: str) -> dict[str, list[str]]:
+    """The target table's rows: label -> the six cells after it."""
+    rows = [[c.strip() for c in s.split("|")[1:-1]] for s in table.splitlines()
+            if s.startswith("| ") and len(s.split("|")) == 9]
+    return {r[0]: r[1:] for r in rows if r[0] != "target"}
+
+
+@pytest.mark.mpi
+def test_matrix_writes_table_and_plot(tmp_path):
+    if mpiexec_path() is None:
+        pytest.skip("no mpiexec available: the matrix's 2x1 layout starts mpiexec -n 2")
+    out, png, js = tmp_path / "bench.md", tmp_path / "bench.png", tmp_path / "bench.jsonl"
+    proc = matrix(["--models", "mlp", "--layouts", "1x1,2x1", "--paired-scaling", "1",
+                   "--out", str(out), "--json-out", str(js), "--plot", str(png)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = out.read_text()
     assert table == proc.stdout.rstrip("\n") + "\n"
@@ -258,14 +325,100 @@ def test_matrix_writes_table_and_plot(tmp_path):
     assert [(r["world_size"], r["threads_per_rank"]) for r in recs] == [(1, 1), (2, 1)]
     assert all(set(r) >= KEYS for r in recs)
     assert len(recs[1]["paired_scaling_balanced_all_runs"]) == 1
+    # the 2x1 / 1x1 target is the records' own ratio, and paired, the one within the run
+    rows = target_rows(table)
+    assert rows["mlp 2x1 / 1x1 >= 1.6x"][0] == \
+        f"{recs[1]['samples_per_sec'] / recs[0]['samples_per_sec']:.2f}x"
+    assert rows["mlp 2x1 / 1x1 >= 1.6x"][4] == f"{recs[1]['paired_scaling']:.3f}x"
+    # batch 8 is not the workload PyTorch's figures were measured on
+    assert rows["mlp 1x1 >= 1.4x PyTorch (11,579 samples/s)"][:2] == \
+        ["not comparable: batch 8 per rank here, 64 there", "-"]
     w, h = png_size(png)
     assert w >= 600 and h >= 400
 
 
+def write_reference(path: Path, figures: list[dict], targets: list[dict],
+                    shape: list[int] | None = None) -> Path:
+    doc = {"system": "Other 1.0 (CPU)", "short_name": "Other",
+           "measurements": [{"machine": "a machine with 2 cores", "machine_short": "2 cores",
+                             "software": "the CPU build", "source": "a test",
+                             "workload": {"input_shape": shape or [28, 28, 1],
+                                          "batch_per_rank": 8, "dtype": "float32"},
+                             "samples_per_sec": figures}],
+           "targets": targets}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_matrix_judges_the_targets_its_reference_file_sets(tmp_path):
+    # figures far below any real speed, so that the verdicts do not depend on it
+    ref = write_reference(tmp_path / "other.json", [
+        {"model": "mlp", "layout": "1x1", "range": [0.001, 0.002]},
+        {"model": "cnn", "layout": "1x1", "value": 3}], [
+        {"model": "mlp", "layout": "1x1", "metric": "vs_reference", "at_least": 1.5},
+        {"model": "mlp", "layout": "1x1", "metric": "vs_reference", "at_most": 1.5},
+        {"model": "mlp", "layout": "1x1", "metric": "gemm_bound", "at_most": 10},
+        {"model": "mlp", "layout": "2x1", "metric": "scaling", "at_least": 1.6}])
+    js = tmp_path / "runs.jsonl"
+    proc = matrix(["--models", "mlp", "--layouts", "1x1", "--reference", str(ref),
+                   "--json-out", str(js)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = json.loads(js.read_text())
+    v, v10 = rec["samples_per_sec"], rec["samples_per_sec_p10"]
+    row = next(s for s in proc.stdout.splitlines() if s.startswith("| mlp | 1 x 1 |"))
+    assert row.split("|")[4].strip() == f"{v / 0.002:.2f}x"  # a range: against its top
+    rows = target_rows(proc.stdout)
+    measured = [f"{v:,.0f} ({v / 0.002:.2f}x)", f"{v10:,.0f} ({v10 / 0.002:.2f}x)"]
+    assert rows["mlp 1x1 >= 1.5x Other (0.003 samples/s)"] == \
+        [measured[0], "yes", measured[1], "yes", "-", "-"]
+    assert rows["mlp 1x1 <= 1.5x Other (0.003 samples/s)"] == \
+        [measured[0], "no", measured[1], "no", "-", "-"]
+    bound = rows["mlp 1x1 <= 1000% of the GEMM-alone bound (the products the step performs)"]
+    assert bound[0] == f"{v / rec['gemm_bound_samples_per_sec']:.0%} of " \
+        f"{rec['gemm_bound_samples_per_sec']:,.0f}"
+    assert bound[4] == f"{rec['paired_gemm_bound_ratio']:.0%}" and bound[5] == "yes"
+    assert len(rows) == 3  # no 2x1 run, no scaling row
+    assert "Other 1.0 (CPU) samples/s on a machine with 2 cores (the CPU build; synthetic " \
+        "28x28x1 inputs, batch 8 per rank, float32; from a test): mlp 1x1 0.001-0.002, " \
+        "cnn 1x1 3" in proc.stdout
+    # figures taken on other inputs are not set against these
+    ref = write_reference(tmp_path / "other.json", [
+        {"model": "mlp", "layout": "1x1", "value": 2}], [
+        {"model": "mlp", "layout": "1x1", "metric": "vs_reference", "at_least": 1.0}],
+        shape=[32, 32, 3])
+    proc = matrix(["--models", "mlp", "--layouts", "1x1", "--reference", str(ref),
+                   "--shape", "28,28,1"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert target_rows(proc.stdout)["mlp 1x1 >= 1.0x Other (2 samples/s)"][:2] == \
+        ["not comparable: inputs 28,28,1 here, 32,32,3 there", "-"]
+
+
+def test_the_reference_file_holds_the_published_figures():
+    ref = load_script("bench_reference").load_reference(REFERENCE)
+    assert (ref.system, ref.short_name) == ("PyTorch 2.13 (CPU)", "PyTorch")
+    got = {(m, f"{n}x{t}"): (f.low, f.high) for (m, (n, t)), f in ref.figures.items()}
+    assert got == {("mlp", "1x1"): (8271, 8271), ("mlp", "1x2"): (12140, 12140),
+                   ("mlp", "2x1"): (9290, 9290), ("cnn", "1x1"): (736, 736),
+                   ("cnn", "1x2"): (1279, 1279), ("cnn", "2x1"): (1324, 1324),
+                   ("resnet20", "1x1"): (413, 441), ("resnet20", "1x2"): (729, 775),
+                   ("resnet20", "2x1"): (733, 733)}
+    assert "AVX2" in ref.figure("mlp", (1, 1)).taken.machine
+    assert "AVX-512" in ref.figure("resnet20", (1, 1)).taken.machine
+    assert ref.input_shape("cnn") == (28, 28, 1) and ref.input_shape("resnet20") == (32, 32, 3)
+    targets = {(t.model, f"{t.layout[0]}x{t.layout[1]}", t.metric): (t.limit, t.at_least)
+               for t in ref.targets}
+    assert targets[("cnn", "1x2", "vs_reference")] == (1.0, True)
+    assert targets[("mlp", "1x1", "gemm_bound_3x_forward")] == (0.8, True)
+    assert targets[("cnn", "2x1", "sync_per_allreduce")] == (1.1, False)
+    assert all(targets[("resnet20", layout, "vs_reference")] == (1.0, True)
+               for layout in ("1x1", "1x2", "2x1"))
+
+
 @pytest.mark.parametrize("args,match", [
     (["--model", "resnet"], "invalid choice"),
-    (["--plot", "x.png"], "--plot needs --matrix"),
-    (["--matrix", "--layouts", "2by1"], "RANKSxTHREADS"),
+    (["--plot", "x.png"], "unrecognized arguments: --plot x.png"),
+    (["--shape", "32,32"], "HEIGHT,WIDTH,CHANNELS"),
+    (["--bucket-mb", "0"], "must be a positive number"),
     (["--paired-scaling", "2"], "mpiexec -n 2"),
     (["--paired-scaling", "-1"], "must be 0 or more"),
 ])
@@ -274,6 +427,96 @@ def test_bench_mistakes_are_one_line_errors(args, match):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("dptrain: error: ")
     assert match in proc.stderr
+
+
+BAD_REFERENCES = [
+    ("not json", "is not JSON"),
+    ('{"system": "x"}', "needs 'measurements'"),
+    ([{"model": "mlp", "layout": "1x1", "value": 1},
+      {"model": "mlp", "layout": "1x1", "value": 2}], "two figures for mlp 1x1"),
+    ([{"model": "mlp", "layout": "1x1", "range": [3, 2]}], "runs backwards"),
+    ([{"model": "mlp", "layout": "1x1", "value": -1}], "-1 is not a positive number"),
+    ([{"model": "mlp", "layout": "one", "value": 1}], "RANKSxTHREADS"),
+    ([{"model": "mlp", "layout": "1x1"}], "either 'value' or 'range'"),
+    ({"model": "mlp", "layout": "1x1", "metric": "speed", "at_least": 1}, "unknown metric"),
+    ({"model": "mlp", "layout": "1x1", "metric": "scaling"}, "'at_least' or 'at_most'"),
+    ({"model": "cnn", "layout": "2x1", "metric": "vs_reference", "at_least": 1},
+     "has no figure to compare with"),
+]
+
+
+@pytest.mark.parametrize("content,match", BAD_REFERENCES)
+def test_bad_reference_files_are_one_line_errors_before_any_run(tmp_path, content, match):
+    path = tmp_path / "ref.json"
+    if isinstance(content, str):
+        path.write_text(content)
+    elif isinstance(content, list):
+        write_reference(path, content, [])
+    else:
+        write_reference(path, [{"model": "mlp", "layout": "1x1", "value": 1}], [content])
+    proc = run_python([MATRIX, "--reference", str(path)], timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("dptrain: error: ")
+    assert f"reference file {path}" in proc.stderr and match in proc.stderr
+    assert "bench:" not in proc.stderr  # nothing ran
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--layouts", "2by1"], "RANKSxTHREADS"),
+    (["--models", "mlp,resnet"], "unknown model 'resnet'"),
+    (["--reference", "/nonexistent/ref.json"], "reference file /nonexistent/ref.json"),
+    (["--out", "/nonexistent/dir/bench.md"], "the directory of /nonexistent/dir/bench.md"),
+    (["--json-out", "/"], "is a directory"),
+    (["--paired-scaling", "-1"], "must be 0 or more"),
+    (["--matrix"], "unrecognized arguments: --matrix"),
+])
+def test_matrix_option_mistakes_are_one_line_errors(args, match):
+    proc = run_python([MATRIX, *args], timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("dptrain: error: ")
+    assert match in proc.stderr
+
+
+#: small sizes appended to a documented command (argparse keeps the last of an option)
+SIZES = {"bench.py": ["--steps", "2", "--warmup", "1", "--alloc-steps", "1",
+                      "--allreduce-reps", "2", "--gemm-rounds", "1", "--batch-per-rank", "8"],
+         "bench_matrix.py": ["--steps", "2", "--warmup", "1", "--alloc-steps", "0",
+                             "--allreduce-reps", "2", "--gemm-rounds", "1",
+                             "--batch-per-rank", "8", "--paired-scaling", "1",
+                             "--repeat", "1"]}
+
+
+def documented_commands() -> list[str]:
+    """Every command of docs/performance.md that starts a benchmark script."""
+    text = PERFORMANCE_DOC.read_text()
+    pattern = r"(?:mpiexec -n \d+ )?python scripts/bench\w*\.py"
+    found = re.findall(rf"^ {{4}}({pattern}.*)$", text, re.M)
+    found += re.findall(rf"`({pattern}[^`]*)`", text)
+    return list(dict.fromkeys(found))
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_documented_benchmark_commands_run(tmp_path):
+    commands = documented_commands()
+    assert any(c.startswith("python scripts/bench_matrix.py") for c in commands), commands
+    assert any(c.startswith("mpiexec -n 2 python scripts/bench.py") for c in commands)
+    exe = mpiexec_path()
+    for command in commands:
+        argv = shlex.split(command)
+        launch: list[str] = []
+        if argv[0] == "mpiexec":
+            if exe is None:
+                continue
+            launch, argv = [exe, *argv[1:3]], argv[3:]
+        script = argv[1]
+        # as written, from a fresh directory, with small sizes appended
+        cmd = [*launch, sys.executable, str(ROOT / script), *argv[2:],
+               *SIZES[Path(script).name]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              cwd=tmp_path, env=child_env(), stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+        assert proc.stdout.strip(), command
 
 
 # -- plot_metrics ---------------------------------------------------------------------------
