@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, faults
 from .errors import UserError
 
 FORMAT = "dptrain"
@@ -60,7 +60,6 @@ RNG_SCHEME = ("no generator state is carried between steps: initial parameters c
               "default_rng([seed, e]).permutation(n) (stored as epoch_order); dropout keeps "
               "element p of sample g iff the top 53 bits of splitmix64 of (key(seed, e, "
               "layer), g * elements + p) reach rate * 2**53")
-PAUSE_ENV = "DPTRAIN_TEST_PAUSE_IN_WRITE"
 
 
 @dataclass
@@ -132,13 +131,6 @@ def _write_array(group: Any, name: str, a: np.ndarray) -> None:
 def _split(model: Any, flat: np.ndarray, kind: str) -> dict[tuple[str, str], np.ndarray]:
     slots = model.param_slots if kind == "params" else model.state_slots
     return {(s.layer, s.name): flat[s.offset:s.end].reshape(s.shape) for s in slots}
-
-
-def _pause_for_tests() -> None:
-    """Test hook: DPTRAIN_TEST_PAUSE_IN_WRITE=seconds sleeps mid-write (kill tests)."""
-    delay = os.environ.get(PAUSE_ENV)
-    if delay:
-        time.sleep(float(delay))
 
 
 # -- the userblock header ----------------------------------------------------------------
@@ -264,7 +256,8 @@ def write_file(path: str | Path, *, kind: str, model: Any, params: np.ndarray,
             _write_all(fd, memoryview(head))
             half = len(image) // 2
             _write_all(fd, image[:half])
-            _pause_for_tests()
+            faults.pause_point("write", trainer.global_step if trainer else None,
+                               path=str(path), kind=kind)
             _write_all(fd, image[half:])
             os.fsync(fd)
         finally:

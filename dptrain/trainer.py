@@ -111,6 +111,8 @@ class Trainer:
         fault = faults.load()
         if fault is not None:
             self.say(f"note: {faults.ENV} is set; a test fault is armed: {fault}")
+        if faults.pauses() is not None:
+            self.say(f"note: {faults.PAUSE_ENV} is set; pausing for a test at {faults.pauses()}")
         self.backend = select_backend(cfg.device, self.comm.local_rank, self.comm.local_size,
                                       cfg.allow_gpu_sharing, comm=self.comm)
         # device arrays reach MPI directly, staged through pinned memory, or through NCCL
@@ -348,6 +350,8 @@ class Trainer:
         def handler(signum: int, frame: Any) -> None:
             if self.stop_signal is None:
                 self.stop_signal = signum
+                faults.pause_point("signal", self.state.global_step, rank=self.rank,
+                                   signal=signal.Signals(signum).name)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
@@ -371,6 +375,7 @@ class Trainer:
         if st.epoch >= cfg.epochs or self._reached_max_steps():  # resumed a finished run
             self.say(f"nothing to train: the run is complete (epoch {st.epoch}/{cfg.epochs}, "
                      f"step {st.global_step})")
+        faults.pause_point("start", st.global_step, rank=self.rank)
         code = EXIT_OK
         try:
             # NaN/Inf are reported once by the non-finite guard, not as a warning per rank
@@ -716,6 +721,7 @@ class Trainer:
             raise agreed(UserError(msg + " (previous checkpoints are intact)"))
         self.log("checkpoint", step=st.global_step, epoch=st.epoch, path=str(path),
                  seconds=round(t1 - t0, 4), best=best)
+        faults.pause_point("checkpoint", st.global_step, rank=self.rank, path=str(path))
         return path
 
     def save_model(self) -> Path | None:

@@ -25,7 +25,8 @@ def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")  # tests oversubscribe 2 cores with up to 4 ranks
-    env.pop("DPTRAIN_TEST_PAUSE_IN_WRITE", None)
+    for var in ("DPTRAIN_TEST_PAUSE", "DPTRAIN_TEST_PAUSE_DIR", "DPTRAIN_FAULT"):
+        env.pop(var, None)  # test hooks only where a test arms them
     env.update(extra)
     return env
 

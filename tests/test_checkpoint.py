@@ -356,11 +356,12 @@ def test_interrupt_mid_write_leaves_no_temp_file(good: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     before = good.read_bytes()
 
-    def interrupted() -> None:
+    def interrupted(point: str, step: int | None = None, **info: object) -> None:
+        assert point == "write" and info["path"] == str(good)
         assert len(list(good.parent.glob(".*.tmp"))) == 1  # half-written under a temp name
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "_pause_for_tests", interrupted)
+    monkeypatch.setattr(ckpt.faults, "pause_point", interrupted)
     model, opt = trained()
     with pytest.raises(KeyboardInterrupt):
         write(good, model, opt)
