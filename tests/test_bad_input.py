@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import ROOT, child_env, run_dptrain
+from pause_points import pause_env, reached
 
 from dptrain import checkpoint as ckpt
 
@@ -210,17 +211,18 @@ def test_run_dir_is_a_regular_file(tmp_path):
 def test_two_jobs_in_one_run_dir(tmp_path):
     """A second job fails on the lock naming the first one's host and pid, and touches
     nothing; once the first job is dead, its stale lock no longer blocks a run."""
-    run = tmp_path / "run"
-    env = child_env(DPTRAIN_FAULT="where=forward,step=2,kind=hang,seconds=60")
+    run, pauses = tmp_path / "run", tmp_path / "pauses"
+    env = child_env(**pause_env(pauses, "start"))  # set up, lock taken, before its first step
     first = subprocess.Popen([sys.executable, "-m", "dptrain", *TINY, "--run-dir", str(run)],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              stdin=subprocess.DEVNULL)
     try:
         lock = run / ".lock"
-        deadline = time.monotonic() + 30
-        while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 180  # a hang guard
+        while not reached(pauses, "start"):
             assert first.poll() is None, "the first job ended early"
-            time.sleep(0.05)
+            assert time.monotonic() < deadline, "the first job never got to its first step"
+            time.sleep(0.01)
         assert lock.read_text().split() == [socket.gethostname(), str(first.pid)]
         before = digest(run)
         proc = train(tmp_path, n=2)
