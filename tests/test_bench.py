@@ -236,6 +236,7 @@ def test_shared_grads_sum_exactly_in_rank_order(ranks):
         assert r["spans"] == ["allreduce (shared memory)"] * 3
 
 
+@pytest.mark.mpi  # the 2x1 layout starts mpiexec -n 2
 def test_matrix_writes_table_and_plot(tmp_path):
     out, png, js = tmp_path / "bench.md", tmp_path / "bench.png", tmp_path / "bench.jsonl"
     proc = run_python([BENCH, "--matrix", "--models", "mlp", "--layouts", "1x1,2x1",

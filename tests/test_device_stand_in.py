@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import pytest
 import strict_xp as sx
-from conftest import ROOT, child_env, mpi_cmd, run_dptrain
+from conftest import ROOT, child_env, mpi4py_missing, mpi_cmd, run_dptrain
 
 from dptrain import backend as backend_mod
 from dptrain import checkpoint as ckpt
@@ -332,13 +332,18 @@ def test_grad_sync_in_one_process_and_device_comm_choice(sxp):
         device_comm(LocalComm(), backend_mod.CPU, nccl=True)
 
 
-def test_gpu_aware_mpi_decision(monkeypatch):
-    monkeypatch.delenv("MPICH_GPU_SUPPORT_ENABLED", raising=False)
-    monkeypatch.delenv("MV2_USE_CUDA", raising=False)
+def test_this_mpi_answers_the_cuda_query():
+    if mpi4py_missing():
+        pytest.skip(mpi4py_missing())
     # the MPI of this environment (PyPI MPICH) answers the query, and is not CUDA-aware
     from mpi4py import MPI
     if "MPICH Version" in MPI.Get_library_version():
         assert device_mod.query_mpi_cuda_support() is False
+
+
+def test_gpu_aware_mpi_decision(monkeypatch):
+    monkeypatch.delenv("MPICH_GPU_SUPPORT_ENABLED", raising=False)
+    monkeypatch.delenv("MV2_USE_CUDA", raising=False)
 
     def decide(setting, reported):
         monkeypatch.setattr(device_mod, "query_mpi_cuda_support", lambda: reported)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import child_env, run_dptrain, run_python
+from conftest import child_env, mpi4py_missing, run_dptrain, run_python
 
 from dptrain.dist.comm import LocalComm
 from dptrain.dist.sync import GradSync, bucket_bounds
@@ -131,6 +131,8 @@ def test_mpicomm_collectives(records):
 def test_launcher_of_another_mpi_is_a_user_error(tmp_path):
     # Open MPI's mpiexec around an MPICH mpi4py: every process is rank 0 of 1; training
     # n copies into one run directory would be silently wrong
+    if mpi4py_missing():
+        pytest.skip(mpi4py_missing())
     proc = run_dptrain(["--model", "mlp", "--max-steps", "1", "--run-dir", str(tmp_path / "r")],
                        env=child_env(OMPI_COMM_WORLD_SIZE="3"), timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr

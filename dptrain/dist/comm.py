@@ -167,11 +167,16 @@ def make_communicator(kind: str = "auto") -> Communicator:
     if kind not in ("mpi", "auto"):
         raise UserError(f"comm must be auto, mpi or local, not {kind!r}")
     try:
-        import mpi4py  # noqa: F401, PLC0415
+        from mpi4py import MPI  # noqa: F401, PLC0415
     except ImportError:
         raise UserError(
             "launched under an MPI launcher but mpi4py is not installed in this Python "
             "(pip install mpi4py, or run one process without mpiexec / with --debug)") from None
+    except RuntimeError as e:  # mpi4py >= 4 finds no MPI library to load
+        said = "; ".join(str(e).splitlines()[:2])
+        raise UserError(
+            f"launched under an MPI launcher but mpi4py cannot load an MPI library ({said}): "
+            "pip install mpich, or make the launcher's MPI library findable") from None
     comm = MPIComm()
     _check_srun_world(comm.size)
     _check_launcher_world(comm.size)
