@@ -143,7 +143,7 @@ def assert_close(a: Path, b: Path, rtol: float = 1e-10) -> None:
         assert err <= rtol, f"{k}: relative difference {err:.3g} > {rtol}"
 
 
-def rank_pid(launcher: int, rank: int, timeout: float = 30) -> int:
+def rank_pid(launcher: int, rank: int, timeout: float = HANG_GUARD) -> int:
     """The pid of MPI rank ``rank`` among the descendants of the mpiexec ``launcher``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, mpi4py_missing
 from pause_points import pause_env, reached, release
 
 from dptrain import checkpoint as ckpt
@@ -73,7 +73,7 @@ def slurm_missing() -> str | None:
 
 @pytest.fixture(scope="module")
 def slurm() -> None:
-    why = slurm_missing()
+    why = slurm_missing() or mpi4py_missing()  # the jobs run this Python's mpi4py
     if why:
         pytest.skip(why)
 
