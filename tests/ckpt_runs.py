@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from conftest import child_env, mpi_cmd, run_dptrain
+from conftest import HANG_GUARD, child_env, mpi_cmd, run_dptrain
 from pause_points import pause_env, reached
 
 from dptrain import checkpoint as ckpt
@@ -33,7 +33,7 @@ SGD = [*BASE, "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--nest
        "--lr-gamma", "0.5"]
 
 
-def train(run_dir: Path, args: list[str], n: int | None = None, timeout: float = 120,
+def train(run_dir: Path, args: list[str], n: int | None = None, timeout: float = HANG_GUARD,
           fault: str = "") -> subprocess.CompletedProcess[str]:
     """One training run to its end (``fault``: a DPTRAIN_FAULT spec); the finished process."""
     env = child_env(DPTRAIN_FAULT=fault) if fault else child_env()
@@ -62,9 +62,6 @@ def start(run_dir: Path, args: list[str], n: int | None = None, pause: tuple[str
 
 def output(run_dir: Path) -> str:
     return Path(f"{run_dir}.log").read_text()
-
-
-HANG_GUARD = 180.0  # seconds: only ever reached by a run that hangs
 
 
 def finish(proc: subprocess.Popen[str], run_dir: Path, timeout: float = HANG_GUARD) -> str:

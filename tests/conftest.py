@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# seconds a child process may take before it counts as hung: a hang guard, never a bound
+# that a slow machine could reach (the suite has passed with the machine made 5x slower)
+HANG_GUARD = 300.0
 
 
 def mpiexec_path() -> str | None:
@@ -29,7 +32,7 @@ def mpi4py_missing() -> str | None:
     probe = ("try:\n    from mpi4py import MPI\nexcept Exception as e:\n"
              "    print(f'{type(e).__name__}: {str(e).splitlines()[0]}')\n    raise SystemExit(1)")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                       timeout=120, env=child_env(), stdin=subprocess.DEVNULL)
+                       timeout=HANG_GUARD, env=child_env(), stdin=subprocess.DEVNULL)
     if r.returncode == 0:
         return None
     return f"mpi4py cannot be used in this Python ({r.stdout.strip() or r.stderr.strip()[-200:]})"
@@ -68,7 +71,7 @@ def mpi_cmd(n: int, args: list[str]) -> list[str]:
     return [str(mpiexec_path()), "-n", str(n), sys.executable, *args]
 
 
-def run_dptrain(args: list[str], n: int | None = None, timeout: float = 120,
+def run_dptrain(args: list[str], n: int | None = None, timeout: float = HANG_GUARD,
                 env: dict[str, str] | None = None, cwd: Path | None = None
                 ) -> subprocess.CompletedProcess[str]:
     """``python -m dptrain ARGS``, under ``mpiexec -n N`` when n is given."""
@@ -78,7 +81,7 @@ def run_dptrain(args: list[str], n: int | None = None, timeout: float = 120,
                           env=env or child_env(), cwd=cwd, stdin=subprocess.DEVNULL)
 
 
-def run_python(args: list[str], n: int | None = None, timeout: float = 120,
+def run_python(args: list[str], n: int | None = None, timeout: float = HANG_GUARD,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python ARGS`` (a script or -c), under ``mpiexec -n N`` when n is given."""
     cmd = mpi_cmd(n, args) if n else [sys.executable, *args]

@@ -48,7 +48,7 @@ def assert_one_error(proc: subprocess.CompletedProcess[str], *fragments: str) ->
 def train(tmp_path: Path, *args: str, n: int | None = None, **env: str
           ) -> subprocess.CompletedProcess[str]:
     run = ["--run-dir", str(tmp_path / "run")] if "--run-dir" not in args else []
-    return run_dptrain([*TINY, *run, *args], n=n, timeout=60, env=child_env(**env))
+    return run_dptrain([*TINY, *run, *args], n=n, env=child_env(**env))
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -110,7 +110,7 @@ def test_batch_too_small_for_per_rank_batchnorm(tmp_path, batch):
     but BatchNorm(sync=false) cannot normalise over a single sample per rank."""
     args = ["--model", "mlp", "--epochs", "1", "--progress", "off", "--run-dir",
             str(tmp_path / "run"), "--layers", json.dumps(DENSE_BN), *batch]
-    proc = run_dptrain(args, n=2, timeout=60)
+    proc = run_dptrain(args, n=2)
     assert_one_error(proc, "layer 02_batchnorm: BatchNorm(sync=false)",
                      "leaves a rank 1 sample per step", "at least 4")
 
@@ -177,8 +177,7 @@ def test_input_shape_not_matching_the_model(tmp_path, trained):
     """A saved model (8x8x1 digits) evaluated on a dataset of 4-feature samples."""
     x, y = xy(classes=10)
     path = h5(tmp_path / "flat.h5", train__x=x, train__y=y, test__x=x, test__y=y)
-    proc = run_dptrain(["eval", "--checkpoint", str(trained / "model.h5"), "--dataset", path],
-                       timeout=60)
+    proc = run_dptrain(["eval", "--checkpoint", str(trained / "model.h5"), "--dataset", path])
     assert_one_error(proc, "dataset samples have shape (4,)", "the model expects (8, 8, 1)")
 
 
@@ -244,7 +243,7 @@ def trained(tmp_path_factory) -> Path:
     """A finished tiny run: model.h5 and checkpoints at steps 2 and 4 (and best.h5)."""
     run = tmp_path_factory.mktemp("trained") / "run"
     proc = run_dptrain([*TINY, "--run-dir", str(run), "--max-steps", "4",
-                        "--checkpoint-every", "2"], timeout=60)
+                        "--checkpoint-every", "2"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import child_env, run_dptrain
+from conftest import HANG_GUARD, child_env, run_dptrain
 
 from dptrain import checkpoint as ckpt
 from dptrain.config import make_config
@@ -28,7 +28,6 @@ TINY = ["--model", "mlp", "--epochs", "1", "--batch-size", "50", "--progress", "
         "--dtype", "float64"]
 DENSE_BN = [{"type": "flatten"}, {"type": "dense", "units": 16}, {"type": "batchnorm"},
             {"type": "relu"}, {"type": "dense", "units": 10}]
-HANG_GUARD = 180.0  # seconds: only a job that hangs (instead of ending by itself) gets here
 
 
 def leftover(marker: str, wait: float = 60.0) -> list[str]:

@@ -119,12 +119,12 @@ def test_unreadable_specs_name_the_variable(spec: str, directory: str, message: 
 def test_the_run_says_where_it_will_pause_and_refuses_a_bad_spec(tmp_path: Path) -> None:
     tiny = ["--model", "mlp", "--max-steps", "2", "--progress", "off"]
     env = child_env(**pause_env(tmp_path / "p", "write@99"))  # never reached
-    proc = run_dptrain([*tiny, "--run-dir", str(tmp_path / "a")], env=env, timeout=120)
+    proc = run_dptrain([*tiny, "--run-dir", str(tmp_path / "a")], env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (f"note: DPTRAIN_TEST_PAUSE is set; pausing for a test at write@99 (markers in "
             f"{tmp_path / 'p'})") in proc.stdout
     env = child_env(DPTRAIN_TEST_PAUSE="write@7", DPTRAIN_TEST_PAUSE_DIR="")
-    proc = run_dptrain([*tiny, "--run-dir", str(tmp_path / "b")], env=env, timeout=120)
+    proc = run_dptrain([*tiny, "--run-dir", str(tmp_path / "b")], env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.splitlines() == [
         "dptrain: error: DPTRAIN_TEST_PAUSE is set but DPTRAIN_TEST_PAUSE_DIR (where the "

@@ -33,7 +33,7 @@ from ckpt_runs import (
     train,
     wait_paused,
 )
-from conftest import ROOT, child_env, run_dptrain
+from conftest import HANG_GUARD, ROOT, child_env, run_dptrain
 from pause_points import info, release
 
 from dptrain import checkpoint as ckpt
@@ -246,7 +246,7 @@ def test_eval_rebuilds_the_model_from_the_file_alone(adam_ref: Path, tmp_path: P
     empty.mkdir()
     last = epochs_logged(adam_ref)[-1]
     for f in (adam_ref / "model.h5", ckpt.checkpoint_path(adam_ref, STEPS)):
-        proc = run_dptrain(["eval", "--checkpoint", str(f)], cwd=empty, timeout=60)
+        proc = run_dptrain(["eval", "--checkpoint", str(f)], cwd=empty)
         m = re.search(r"test loss (\S+) accuracy (\S+) \((\d+) samples, digits\)", ok(proc))
         assert m, proc.stdout
         assert float(m.group(2)) == pytest.approx(last["test_acc"], abs=1e-4)
@@ -304,8 +304,9 @@ def _resume_limited(run: Path, preexec: object, *extra: str) -> subprocess.Compl
     cmd = [sys.executable, "-m", "dptrain", "--run-dir", str(run), *ADAM,
            "--checkpoint-every", "7", "--keep-last", "2", "--epochs", "3", "--resume", "auto",
            *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env(),
-                          preexec_fn=preexec, cwd=ROOT, stdin=subprocess.DEVNULL)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD,
+                          env=child_env(), preexec_fn=preexec, cwd=ROOT,
+                          stdin=subprocess.DEVNULL)
 
 
 def test_full_disk_stops_with_exit_2_and_keeps_checkpoints(adam_ref: Path,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, child_env, mpi4py_missing
+from conftest import HANG_GUARD, ROOT, child_env, mpi4py_missing
 from pause_points import pause_env, reached, release
 
 from dptrain import checkpoint as ckpt
@@ -48,7 +48,6 @@ progress = "off"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                 "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 PREEMPT_AT = 30                          # the checkpoint after which the jobs are signalled
-HANG_GUARD = 300                         # seconds: only a job or daemon that hangs gets here
 
 
 # -- is there a Slurm? ----------------------------------------------------------------
@@ -355,7 +354,7 @@ def test_srun_without_pmi_is_refused_in_one_line(slurm: None, workdir: Path) -> 
     env = {k: v for k, v in child_env().items() if not k.startswith("SLURM_")}
     r = subprocess.run(["srun", "--mpi=none", "--ntasks=2", "--time=5", sys.executable, "-m",
                         "dptrain", "--model", "mlp", "--epochs", "1", "--run-dir", str(run_dir)],
-                       capture_output=True, text=True, timeout=120, env=env,
+                       capture_output=True, text=True, timeout=HANG_GUARD, env=env,
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 2, r.stdout + r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("dptrain: error:")]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import child_env, run_dptrain
+from conftest import HANG_GUARD, child_env, run_dptrain
 from pause_points import pause_env, reached
 
 from dptrain import checkpoint as ckpt
@@ -34,7 +34,6 @@ ARGS = ["--layers", json.dumps(LAYERS), "--dtype", "float64", "--batch-size", "2
 STEPS = 12  # 6 steps per epoch on the 1,437 digits
 POINTS = ("data", "forward", "backward", "allreduce", "optimizer", "checkpoint")
 SEED = 20240607
-HANG_GUARD = 180  # seconds: only ever reached by a run that hangs
 
 
 @dataclass

@@ -62,7 +62,7 @@ def test_one_process_sync_is_a_no_op():
 # -- under mpiexec --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def records() -> list[dict]:
-    proc = run_python([str(SCRIPT)], n=RANKS, timeout=60)
+    proc = run_python([str(SCRIPT)], n=RANKS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
@@ -134,7 +134,7 @@ def test_launcher_of_another_mpi_is_a_user_error(tmp_path):
     if mpi4py_missing():
         pytest.skip(mpi4py_missing())
     proc = run_dptrain(["--model", "mlp", "--max-steps", "1", "--run-dir", str(tmp_path / "r")],
-                       env=child_env(OMPI_COMM_WORLD_SIZE="3"), timeout=60)
+                       env=child_env(OMPI_COMM_WORLD_SIZE="3"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "dptrain: error: the launcher started 3 processes (OMPI_COMM_WORLD_SIZE) but MPI sees "

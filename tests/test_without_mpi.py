@@ -18,7 +18,7 @@ def test_mpi4py_without_an_mpi_library_under_a_launcher(tmp_path: Path) -> None:
     run, missing = tmp_path / "run", tmp_path / "libmpi.so.12"
     env = child_env(OMPI_COMM_WORLD_SIZE="2", MPI4PY_LIBMPI=str(missing))  # as under mpirun
     proc = run_dptrain(["--model", "mlp", "--max-steps", "1", "--run-dir", str(run)],
-                       env=env, timeout=120)
+                       env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.splitlines() == [
         "dptrain: error: launched under an MPI launcher but mpi4py cannot load an MPI library "
@@ -32,6 +32,6 @@ def test_one_process_needs_no_mpi_library(tmp_path: Path) -> None:
     run = tmp_path / "run"
     env = child_env(MPI4PY_LIBMPI=str(tmp_path / "libmpi.so.12"))
     proc = run_dptrain(["--model", "mlp", "--max-steps", "2", "--progress", "off",
-                        "--run-dir", str(run)], env=env, timeout=120)
+                        "--run-dir", str(run)], env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dptrain: 1 rank(s)" in proc.stdout and (run / "model.h5").is_file()
