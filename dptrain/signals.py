@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from .parallel.launch import launcher_rank
@@ -19,12 +20,15 @@ from .parallel.launch import launcher_rank
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _received: int | None = None
 _installed = False
+_on_first: list[Callable[[int], None]] = []
 
 
 def _handler(signum: int, frame: Any) -> None:
     global _received
     if _received is None:
         _received = signum
+        for fn in _on_first:
+            fn(signum)
     if signum == signal.SIGINT:  # the next Ctrl-C ends the process at once
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if launcher_rank() == 0:
@@ -43,6 +47,11 @@ def install() -> None:
             signal.signal(sig, _handler)
         _installed = True
     signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGUSR1))
+
+
+def on_first_signal(fn: Callable[[int], None]) -> None:
+    """Call ``fn(signum)`` when the first stop signal arrives (test pause points)."""
+    _on_first.append(fn)
 
 
 def installed() -> bool:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from conftest import child_env, mpi_cmd, run_dptrain
+from conftest import HANG_GUARD, child_env, mpi_cmd, run_dptrain
+from pause_points import pause_env, reached
 
 from dptrain import checkpoint as ckpt
 
@@ -30,21 +31,28 @@ ADAM = [*BASE, "--optimizer", "adam", "--lr", "0.01", "--lr-schedule", "cosine",
 SGD = [*BASE, "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--nesterov",
        "--weight-decay", "1e-4", "--lr-schedule", "step", "--lr-step-size", "20",
        "--lr-gamma", "0.5"]
-PAUSE = "0.4"  # seconds each checkpoint write sleeps half-way with the pause hook on
 
 
-def train(run_dir: Path, args: list[str], n: int | None = None, pause: str = "",
-          timeout: float = 120, fault: str = "") -> subprocess.CompletedProcess[str]:
+def train(run_dir: Path, args: list[str], n: int | None = None, timeout: float = HANG_GUARD,
+          fault: str = "") -> subprocess.CompletedProcess[str]:
     """One training run to its end (``fault``: a DPTRAIN_FAULT spec); the finished process."""
-    extra = {"DPTRAIN_TEST_PAUSE_IN_WRITE": pause, "DPTRAIN_FAULT": fault}
-    env = child_env(**{k: v for k, v in extra.items() if v})
+    env = child_env(DPTRAIN_FAULT=fault) if fault else child_env()
     return run_dptrain(["--run-dir", str(run_dir), *args], n=n, timeout=timeout, env=env)
 
 
-def start(run_dir: Path, args: list[str], n: int | None = None,
-          pause: str = "") -> subprocess.Popen[str]:
-    """A training run in the background; its output goes to RUN_DIR.log."""
-    env = child_env(DPTRAIN_TEST_PAUSE_IN_WRITE=pause) if pause else child_env()
+def pause_dir(run_dir: Path) -> Path:
+    """Where the runs of ``run_dir`` put their pause markers."""
+    return Path(f"{run_dir}.pauses")
+
+
+def start(run_dir: Path, args: list[str], n: int | None = None, pause: tuple[str, ...] = (),
+          fault: str = "") -> subprocess.Popen[str]:
+    """A training run in the background that pauses at the points ``pause`` (e.g.
+    ``("write@7",)``); its output goes to RUN_DIR.log."""
+    extra = pause_env(pause_dir(run_dir), *pause) if pause else {}
+    if fault:
+        extra["DPTRAIN_FAULT"] = fault
+    env = child_env(**extra)
     base = ["-m", "dptrain", "--run-dir", str(run_dir), *args]
     cmd = mpi_cmd(n, base) if n else [sys.executable, *base]
     log = open(f"{run_dir}.log", "w")  # noqa: SIM115  (handed to the child)
@@ -56,7 +64,7 @@ def output(run_dir: Path) -> str:
     return Path(f"{run_dir}.log").read_text()
 
 
-def finish(proc: subprocess.Popen[str], run_dir: Path, timeout: float = 60) -> str:
+def finish(proc: subprocess.Popen[str], run_dir: Path, timeout: float = HANG_GUARD) -> str:
     """Wait for a background run; its exit code and output."""
     try:
         proc.wait(timeout=timeout)
@@ -68,7 +76,7 @@ def finish(proc: subprocess.Popen[str], run_dir: Path, timeout: float = 60) -> s
 
 
 def wait_for(what: Callable[[], object], proc: subprocess.Popen[str], run_dir: Path,
-             timeout: float = 60) -> object:
+             timeout: float = HANG_GUARD) -> object:
     """Poll ``what()`` until it is truthy; fail if the run ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -78,9 +86,17 @@ def wait_for(what: Callable[[], object], proc: subprocess.Popen[str], run_dir: P
         if proc.poll() is not None:
             raise AssertionError(f"run ended (code {proc.returncode}) before the awaited "
                                  f"moment\n{output(run_dir)}")
-        time.sleep(0.003)
+        time.sleep(0.01)
     proc.kill()
-    raise AssertionError(f"timed out waiting\n{output(run_dir)}")
+    proc.wait()
+    raise AssertionError(f"timed out after {timeout:g} s waiting\n{output(run_dir)}")
+
+
+def wait_paused(proc: subprocess.Popen[str], run_dir: Path, point: str, step: int,
+                count: int = 1) -> list[Path]:
+    """Wait until ``count`` processes of the run are paused at ``point`` of ``step``;
+    their markers (for ``pause_points.release``)."""
+    return wait_for(lambda: reached(pause_dir(run_dir), point, step, count), proc, run_dir)
 
 
 def temp_files(run_dir: Path, step: int | None = None, pid: int | None = None) -> list[Path]:
@@ -124,7 +140,7 @@ def assert_close(a: Path, b: Path, rtol: float = 1e-10) -> None:
         assert err <= rtol, f"{k}: relative difference {err:.3g} > {rtol}"
 
 
-def rank_pid(launcher: int, rank: int, timeout: float = 30) -> int:
+def rank_pid(launcher: int, rank: int, timeout: float = HANG_GUARD) -> int:
     """The pid of MPI rank ``rank`` among the descendants of the mpiexec ``launcher``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -11,6 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# seconds a child process may take before it counts as hung: a hang guard, never a bound
+# that a slow machine could reach (the suite has passed with the machine made 5x slower)
+HANG_GUARD = 300.0
 
 
 def mpiexec_path() -> str | None:
@@ -21,23 +25,53 @@ def mpiexec_path() -> str | None:
     return shutil.which("mpiexec")
 
 
+@functools.cache
+def mpi4py_missing() -> str | None:
+    """Why this Python cannot use MPI through mpi4py (not installed, or no MPI library that
+    it can load), or None. Asked in a child process: importing mpi4py.MPI initialises MPI."""
+    probe = ("try:\n    from mpi4py import MPI\nexcept Exception as e:\n"
+             "    print(f'{type(e).__name__}: {str(e).splitlines()[0]}')\n    raise SystemExit(1)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       timeout=HANG_GUARD, env=child_env(), stdin=subprocess.DEVNULL)
+    if r.returncode == 0:
+        return None
+    return f"mpi4py cannot be used in this Python ({r.stdout.strip() or r.stderr.strip()[-200:]})"
+
+
+def mpi_missing() -> str | None:
+    """Why tests that start several MPI ranks cannot run here, or None."""
+    if mpiexec_path() is None:
+        return ("no mpiexec in this environment (pip install -e '.[mpich]', or a system MPI "
+                "with its mpiexec on PATH)")
+    return mpi4py_missing()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``mpi`` are skipped, with the reason, where MPI cannot run."""
+    mpi_items = [item for item in items if item.get_closest_marker("mpi") is not None]
+    why = mpi_missing() if mpi_items else None
+    for item in mpi_items if why else ():
+        item.add_marker(pytest.mark.skip(reason=why))
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")  # tests oversubscribe 2 cores with up to 4 ranks
-    env.pop("DPTRAIN_TEST_PAUSE_IN_WRITE", None)
+    for var in ("DPTRAIN_TEST_PAUSE", "DPTRAIN_TEST_PAUSE_DIR", "DPTRAIN_FAULT"):
+        env.pop(var, None)  # test hooks only where a test arms them
     env.update(extra)
     return env
 
 
 def mpi_cmd(n: int, args: list[str]) -> list[str]:
-    exe = mpiexec_path()
-    if exe is None:
-        pytest.skip("no mpiexec available")
-    return [exe, "-n", str(n), sys.executable, *args]
+    why = mpi_missing()
+    if why:
+        pytest.skip(why)
+    return [str(mpiexec_path()), "-n", str(n), sys.executable, *args]
 
 
-def run_dptrain(args: list[str], n: int | None = None, timeout: float = 120,
+def run_dptrain(args: list[str], n: int | None = None, timeout: float = HANG_GUARD,
                 env: dict[str, str] | None = None, cwd: Path | None = None
                 ) -> subprocess.CompletedProcess[str]:
     """``python -m dptrain ARGS``, under ``mpiexec -n N`` when n is given."""
@@ -47,7 +81,7 @@ def run_dptrain(args: list[str], n: int | None = None, timeout: float = 120,
                           env=env or child_env(), cwd=cwd, stdin=subprocess.DEVNULL)
 
 
-def run_python(args: list[str], n: int | None = None, timeout: float = 120,
+def run_python(args: list[str], n: int | None = None, timeout: float = HANG_GUARD,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python ARGS`` (a script or -c), under ``mpiexec -n N`` when n is given."""
     cmd = mpi_cmd(n, args) if n else [sys.executable, *args]

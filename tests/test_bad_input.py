@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import ROOT, child_env, run_dptrain
+from pause_points import pause_env, reached
 from refused import assert_one_error
 
 from dptrain import checkpoint as ckpt
@@ -34,7 +35,7 @@ DENSE_BN = [{"type": "flatten"}, {"type": "dense", "units": 16}, {"type": "batch
 def train(tmp_path: Path, *args: str, n: int | None = None, **env: str
           ) -> subprocess.CompletedProcess[str]:
     run = ["--run-dir", str(tmp_path / "run")] if "--run-dir" not in args else []
-    return run_dptrain([*TINY, *run, *args], n=n, timeout=60, env=child_env(**env))
+    return run_dptrain([*TINY, *run, *args], n=n, env=child_env(**env))
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -96,7 +97,7 @@ def test_batch_too_small_for_per_rank_batchnorm(tmp_path, batch):
     but BatchNorm(sync=false) cannot normalise over a single sample per rank."""
     args = ["--model", "mlp", "--epochs", "1", "--progress", "off", "--run-dir",
             str(tmp_path / "run"), "--layers", json.dumps(DENSE_BN), *batch]
-    proc = run_dptrain(args, n=2, timeout=60)
+    proc = run_dptrain(args, n=2)
     assert_one_error(proc, "layer 02_batchnorm: BatchNorm(sync=false)",
                      "leaves a rank 1 sample per step", "at least 4")
 
@@ -163,8 +164,7 @@ def test_input_shape_not_matching_the_model(tmp_path, trained):
     """A saved model (8x8x1 digits) evaluated on a dataset of 4-feature samples."""
     x, y = xy(classes=10)
     path = h5(tmp_path / "flat.h5", train__x=x, train__y=y, test__x=x, test__y=y)
-    proc = run_dptrain(["eval", "--checkpoint", str(trained / "model.h5"), "--dataset", path],
-                       timeout=60)
+    proc = run_dptrain(["eval", "--checkpoint", str(trained / "model.h5"), "--dataset", path])
     assert_one_error(proc, "dataset samples have shape (4,)", "the model expects (8, 8, 1)")
 
 
@@ -197,19 +197,18 @@ def test_run_dir_is_a_regular_file(tmp_path):
 def test_two_jobs_in_one_run_dir(tmp_path):
     """A second job fails on the lock naming the first one's host and pid, and touches
     nothing; once the first job is dead, its stale lock no longer blocks a run."""
-    run = tmp_path / "run"
-    env = child_env(DPTRAIN_FAULT="where=forward,step=2,kind=hang,seconds=60")
+    run, pauses = tmp_path / "run", tmp_path / "pauses"
+    env = child_env(**pause_env(pauses, "start"))  # set up, lock taken, before its first step
     first = subprocess.Popen([sys.executable, "-m", "dptrain", *TINY, "--run-dir", str(run)],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              stdin=subprocess.DEVNULL)
     try:
-        lock, metrics = run / ".lock", run / "metrics.jsonl"
-        deadline = time.monotonic() + 30
-        # the first job's "start" record comes after its lock and config.json are written
-        while not (metrics.exists() and '"start"' in metrics.read_text()) \
-                and time.monotonic() < deadline:
+        lock = run / ".lock"
+        deadline = time.monotonic() + 180  # a hang guard
+        while not reached(pauses, "start"):
             assert first.poll() is None, "the first job ended early"
-            time.sleep(0.05)
+            assert time.monotonic() < deadline, "the first job never got to its first step"
+            time.sleep(0.01)
         assert lock.read_text().split() == [socket.gethostname(), str(first.pid)]
         before = digest(run)
         proc = train(tmp_path, n=2)
@@ -231,7 +230,7 @@ def trained(tmp_path_factory) -> Path:
     """A finished tiny run: model.h5 and checkpoints at steps 2 and 4 (and best.h5)."""
     run = tmp_path_factory.mktemp("trained") / "run"
     proc = run_dptrain([*TINY, "--run-dir", str(run), "--max-steps", "4",
-                        "--checkpoint-every", "2"], timeout=60)
+                        "--checkpoint-every", "2"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run
 

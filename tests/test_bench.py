@@ -44,7 +44,7 @@ MLP_LAYERS = ["00_flatten", "01_dense", "02_relu", "03_dense", "04_relu", "05_de
 
 
 def bench_record(args: list[str], n: int | None = None) -> dict:
-    proc = run_python([BENCH, *args], n=n, timeout=120)
+    proc = run_python([BENCH, *args], n=n)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [s for s in proc.stdout.splitlines() if s.strip()]
     assert len(lines) == 1, proc.stdout  # rank 0 alone prints, one JSON line
@@ -95,8 +95,10 @@ def test_bench_one_rank_reports_every_key(one_rank):
     assert rec["fwd_flops_per_sample"] == 2 * (784 * 512 + 512 * 256 + 256 * 10)
     assert rec["samples_per_sec"] > 0
     assert rec["step_time_ms_p10"] <= rec["step_time_ms"] <= rec["step_time_ms_p90"]
+    # rel: the inputs' rounding; abs: the ratio's own (2 or 3 decimals), which on a slow
+    # machine, where the ratios are small, is the larger part
     assert rec["train_gflops_per_sec"] == pytest.approx(
-        3 * rec["fwd_flops_per_sample"] * rec["samples_per_sec"] / 1e9, rel=0.01)
+        3 * rec["fwd_flops_per_sample"] * rec["samples_per_sec"] / 1e9, rel=0.01, abs=5e-3)
     assert rec["allreduce_ms_standalone"] == 0 and rec["allreduce_ms_in_step"] == 0
     assert np.isfinite(rec["loss_first"]) and rec["loss_first"] > 0
     assert rec["forward_ms"] > 0 and rec["backward_ms"] > 0 and rec["optimizer_ms"] > 0
@@ -104,14 +106,14 @@ def test_bench_one_rank_reports_every_key(one_rank):
     # GEMM bound: the step skips the first layer's input gradient, the target's bound does not
     assert 0 < rec["gemm_ms"] < rec["gemm_ms_3x_forward"]
     assert rec["gemm_bound_ratio"] == pytest.approx(
-        rec["samples_per_sec"] / rec["gemm_bound_samples_per_sec"], rel=0.01)
+        rec["samples_per_sec"] / rec["gemm_bound_samples_per_sec"], rel=0.01, abs=5e-4)
     # paired in time: medians of alternating blocks of steps and GEMM sets
     assert 0 < rec["paired_gemm_ms"] < rec["paired_gemm_ms_3x_forward"]
     assert rec["paired_step_ms"] > 0
     assert rec["paired_gemm_bound_ratio"] == pytest.approx(
-        rec["paired_gemm_ms"] / rec["paired_step_ms"], rel=0.01)
+        rec["paired_gemm_ms"] / rec["paired_step_ms"], rel=0.01, abs=5e-4)
     assert rec["paired_gemm_bound_3x_forward_ratio"] == pytest.approx(
-        rec["paired_gemm_ms_3x_forward"] / rec["paired_step_ms"], rel=0.01)
+        rec["paired_gemm_ms_3x_forward"] / rec["paired_step_ms"], rel=0.01, abs=5e-4)
 
 
 @pytest.mark.parametrize("which", ["two_ranks", "two_ranks_shm"])
@@ -232,7 +234,7 @@ def test_paired_scaling_compares_two_ranks_with_rank_0_alone():
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_shared_grads_sum_exactly_in_rank_order(ranks):
     proc = run_python([str(ROOT / "tests" / "mpi_scripts" / "shared_grads_check.py")],
-                      n=ranks, timeout=60)
+                      n=ranks)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     recs = [json.loads(s) for s in proc.stdout.splitlines() if s.startswith("{")]
     assert len(recs) == 10
@@ -423,7 +425,7 @@ def test_the_reference_file_holds_the_published_figures():
     (["--paired-scaling", "-1"], "must be 0 or more"),
 ])
 def test_bench_mistakes_are_one_line_errors(args, match):
-    proc = run_python([BENCH, *args], timeout=60)
+    proc = run_python([BENCH, *args])
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("dptrain: error: ")
     assert match in proc.stderr
@@ -528,7 +530,7 @@ def test_plot_metrics_draws_a_real_run(tmp_path):
     assert {"epoch", "step"} <= {json.loads(s)["event"]
                                  for s in (run / "metrics.jsonl").read_text().splitlines()}
     out = tmp_path / "elsewhere" / "curves.png"
-    proc = run_python([PLOT, str(run), "--out", str(out)], timeout=60)
+    proc = run_python([PLOT, str(run), "--out", str(out)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     w, h = png_size(out)
     assert w >= 800 and h >= 300
@@ -538,11 +540,11 @@ def test_plot_metrics_draws_a_real_run(tmp_path):
 def test_plot_metrics_errors(tmp_path):
     for target, match in ((tmp_path / "missing", "is not a directory"),
                           (tmp_path, "has no metrics.jsonl")):
-        proc = run_python([PLOT, str(target)], timeout=60)
+        proc = run_python([PLOT, str(target)])
         assert proc.returncode == 2 and match in proc.stderr
         assert proc.stderr.startswith("dptrain: error: ") and proc.stderr.count("\n") == 1
     (tmp_path / "metrics.jsonl").write_text('{"event": "start", "time": 1}\n')
-    proc = run_python([PLOT, str(tmp_path)], timeout=60)
+    proc = run_python([PLOT, str(tmp_path)])
     assert proc.returncode == 2 and "no epoch or step records" in proc.stderr
 
 
@@ -624,7 +626,7 @@ def test_bench_runs_from_a_checkout_without_pythonpath(tmp_path):
     env["PYTHONPATH"] = ""
     proc = run_python([BENCH, "--model", "mlp", "--batch-per-rank", "4", "--steps", "1",
                        "--warmup", "0", "--alloc-steps", "0", "--threads", "1"],
-                      env=env, timeout=60)
+                      env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["params"] == 535_818
 

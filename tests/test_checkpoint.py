@@ -268,10 +268,10 @@ def test_inspect_a_good_file(good: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_inspect_process_exit_codes(good: Path, tmp_path: Path) -> None:
-    proc = run_dptrain(["inspect", str(good)], timeout=60)
+    proc = run_dptrain(["inspect", str(good)])
     assert proc.returncode == 0 and "checksums: file SHA-256 ok" in proc.stdout
     bad = damage(good, "truncated")
-    proc = run_dptrain(["inspect", str(bad)], timeout=60)
+    proc = run_dptrain(["inspect", str(bad)])
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and "truncated" in proc.stderr
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, child_env
+from conftest import HANG_GUARD, ROOT, child_env
 
 from dptrain.data import DataSplits, load_dataset, validate_for_model
 from dptrain.errors import UserError
@@ -347,7 +347,7 @@ def make_idx_dir(d: Path, gz: bool, n_train=12, n_test=5, bad_magic=False, short
     return data
 
 
-def run_prepare(*args, timeout=60):
+def run_prepare(*args, timeout=HANG_GUARD):
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_mnist.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=child_env())
 

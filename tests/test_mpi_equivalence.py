@@ -91,9 +91,9 @@ class Runs:
             run_dir = self.root / f"run{len(self.cache)}"
             full = [*args, "--run-dir", str(run_dir)]
             if script is None:
-                proc = run_dptrain(full, n=n if n > 1 else None, timeout=120)
+                proc = run_dptrain(full, n=n if n > 1 else None)
             else:
-                proc = run_python([str(script), *full], n=n, timeout=120)
+                proc = run_python([str(script), *full], n=n)
             assert proc.returncode == 0, f"n={n} {args}\n{proc.stdout}\n{proc.stderr}"
             self.cache[key] = (read_params(run_dir), proc.stdout)
         return self.cache[key]
@@ -196,7 +196,7 @@ def test_drift_check_catches_unsynchronised_replicas(tmp_path):
     # one replica per rank, as across nodes (on one node the ranks share one copy)
     args = [*BASE, *F64, *layers_arg(DROPOUT_NET), "--max-steps", "5",
             "--run-dir", str(tmp_path / "run"), "--no-shared-memory-sync"]
-    proc = run_python([str(SCRIPTS / "train_without_sync.py"), *args], n=2, timeout=120)
+    proc = run_python([str(SCRIPTS / "train_without_sync.py"), *args], n=2)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "replica drift at end of epoch 1 (step 5)" in proc.stderr
     assert "ranks [0]; ranks [1]" in proc.stderr
@@ -207,7 +207,7 @@ def test_drift_check_catches_unsynchronised_replicas(tmp_path):
 @pytest.mark.parametrize("shared", [False, True])
 def test_replicas_are_bit_identical_after_training(tmp_path, shared):
     proc = run_python([str(SCRIPTS / "replica_check.py"), str(tmp_path / "run"),
-                       *([] if shared else MPI_SYNC)], n=3, timeout=120)
+                       *([] if shared else MPI_SYNC)], n=3)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["steps"] == 12
@@ -283,8 +283,8 @@ def _epoch_lines(stdout: str) -> list[str]:
 
 def test_cli_default_cnn_prints_same_epochs_on_4_ranks(tmp_path):
     args = ["--epochs", "3", "--progress", "off", "--checkpoint-every", "off"]
-    one = run_dptrain([*args, "--run-dir", str(tmp_path / "one")], timeout=120)
-    four = run_dptrain([*args, "--run-dir", str(tmp_path / "four")], n=4, timeout=120)
+    one = run_dptrain([*args, "--run-dir", str(tmp_path / "one")])
+    four = run_dptrain([*args, "--run-dir", str(tmp_path / "four")], n=4)
     assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
     assert "dptrain: 4 rank(s)" in four.stdout
     lines = _epoch_lines(one.stdout)
@@ -294,7 +294,7 @@ def test_cli_default_cnn_prints_same_epochs_on_4_ranks(tmp_path):
 
 def test_verbose_tags_every_line_with_its_rank(tmp_path):
     proc = run_dptrain([*BASE, "--model", "mlp", "--max-steps", "2", "--verbose",
-                        "--run-dir", str(tmp_path / "run")], n=2, timeout=120)
+                        "--run-dir", str(tmp_path / "run")], n=2)
     assert proc.returncode == 0, proc.stderr
     for rank in (0, 1):  # (mpiexec may glue two ranks' lines together)
         assert f"[rank {rank}] epoch 1/1  train loss" in proc.stdout, proc.stdout
@@ -316,7 +316,7 @@ def _thread_env(**extra: str) -> dict[str, str]:
 
 
 def _thread_reports(n: int, env: dict[str, str]) -> list[dict]:
-    proc = run_python([str(SCRIPTS / "threads_check.py")], n=n, timeout=60, env=env)
+    proc = run_python([str(SCRIPTS / "threads_check.py")], n=n, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # ranks' lines may reach mpiexec's stdout glued together: find each object
     reports = sorted((json.loads(m) for m in re.findall(r"\{[^{}]*\}", proc.stdout)),

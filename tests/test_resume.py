@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -22,7 +21,6 @@ import pytest
 from ckpt_runs import (
     ADAM,
     LAYERS,
-    PAUSE,
     SGD,
     STEPS_PER_EPOCH,
     assert_close,
@@ -33,9 +31,10 @@ from ckpt_runs import (
     steps_on_disk,
     temp_files,
     train,
-    wait_for,
+    wait_paused,
 )
-from conftest import ROOT, child_env, run_dptrain
+from conftest import HANG_GUARD, ROOT, child_env, run_dptrain
+from pause_points import info, release
 
 from dptrain import checkpoint as ckpt
 
@@ -94,9 +93,12 @@ def copy_run(src: Path, dst: Path) -> Path:
 # -- exact resume ---------------------------------------------------------------------------
 def test_sigterm_mid_epoch_then_resume_is_bit_exact(adam_ref: Path, tmp_path: Path) -> None:
     run = tmp_path / "b"
-    proc = start(run, [*ADAM, "--checkpoint-every", "7", "--keep-last", "2"], pause=PAUSE)
-    wait_for(lambda: temp_files(run, 7), proc, run)  # inside the write of checkpoint 7
+    proc = start(run, [*ADAM, "--checkpoint-every", "7", "--keep-last", "2"],
+                 pause=("write@7",))
+    paused = wait_paused(proc, run, "write", 7)  # inside the write of checkpoint 7
+    assert temp_files(run, 7)
     proc.send_signal(signal.SIGTERM)
+    release(paused)
     text = finish(proc, run)
     assert proc.returncode == 75, text
     assert "stopping on SIGTERM at step 8: checkpoint" in text and "--resume auto" in text
@@ -157,39 +159,41 @@ def test_sigkill_at_many_moments_always_resumes(adam_ref: Path, tmp_path: Path) 
     run = tmp_path / "b"
     args = [*ADAM, "--checkpoint-every", "7", "--keep-last", "2", "--resume", "auto"]
 
-    proc = start(run, args, pause=PAUSE)  # 1: inside the first write
-    wait_for(lambda: temp_files(run, 7), proc, run)
+    proc = start(run, args, pause=("write@7",))  # 1: inside the first write
+    wait_paused(proc, run, "write", 7)
     proc.kill()
     proc.wait()
-    assert steps_on_disk(run) == [] and len(temp_files(run)) == 1
+    assert steps_on_disk(run) == [] and len(temp_files(run)) == len(temp_files(run, 7)) == 1
     assert (run / ".lock").exists()  # left behind by the killed process
 
-    proc = start(run, args, pause=PAUSE)  # 2: the moment checkpoint 14 is complete
-    wait_for(lambda: ckpt.checkpoint_path(run, 14).exists(), proc, run)
+    proc = start(run, args, pause=("checkpoint@14",))  # 2: the moment checkpoint 14 is complete
+    wait_paused(proc, run, "checkpoint", 14)
     proc.kill()
     proc.wait()
     assert "no checkpoint to resume from" in output(run)
-    newest = steps_on_disk(run)[-1]
-    assert newest >= 14 and not temp_files(run, 7)  # the stale temp file was cleared
+    assert steps_on_disk(run) == [7, 14] and not temp_files(run)  # the stale temp file went
 
-    proc = start(run, args, pause=PAUSE)  # 3: inside a later write
-    wait_for(lambda: temp_files(run, newest + 7, proc.pid), proc, run)
+    proc = start(run, args, pause=("write@21",))  # 3: inside a later write
+    wait_paused(proc, run, "write", 21)
     proc.kill()
     proc.wait()
-    assert f"resumed from {ckpt.checkpoint_path(run, newest)}" in output(run)
-    assert steps_on_disk(run)[-1] == newest
+    assert f"resumed from {ckpt.checkpoint_path(run, 14)}" in output(run)
+    assert steps_on_disk(run) == [7, 14] and len(temp_files(run, 21)) == 1
 
-    proc = start(run, args)  # 4: during start-up
-    time.sleep(0.3)
+    proc = start(run, args, pause=("start",))  # 4: resumed, before its first step
+    [paused] = wait_paused(proc, run, "start", 14)
+    assert info(paused)["pid"] == proc.pid
     proc.kill()
     proc.wait()
-    assert steps_on_disk(run)[-1] == newest
+    assert f"resumed from {ckpt.checkpoint_path(run, 14)}" in output(run)
+    assert steps_on_disk(run) == [7, 14]
 
-    proc = start(run, args)  # 5: mid-step, after the resume
-    wait_for(lambda: "resumed from" in output(run), proc, run)
-    time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    # 5: mid-step (in backward of step 24), after the resume and checkpoint 21
+    proc = start(run, args, fault="where=backward,step=24,kind=kill")
+    text = finish(proc, run)
+    assert proc.returncode == -signal.SIGKILL, text
+    assert f"resumed from {ckpt.checkpoint_path(run, 14)}" in text
+    assert steps_on_disk(run) == [14, 21]
 
     on_disk = steps_on_disk(run)
     for step in on_disk:
@@ -216,8 +220,8 @@ def test_keeps_the_last_k_plus_best(adam_ref: Path) -> None:
 
 
 def test_time_schedule(tmp_path: Path) -> None:
-    run = tmp_path / "fast"
-    ok(train(run, [*ADAM, "--checkpoint-every", "0.0001s", "--keep-last", "20",
+    run = tmp_path / "fast"  # every step: any step takes longer than a nanosecond
+    ok(train(run, [*ADAM, "--checkpoint-every", "0.000000001s", "--keep-last", "20",
                    "--max-steps", "6"]))
     assert steps_on_disk(run) == [1, 2, 3, 4, 5, 6]
     run = tmp_path / "slow"
@@ -242,7 +246,7 @@ def test_eval_rebuilds_the_model_from_the_file_alone(adam_ref: Path, tmp_path: P
     empty.mkdir()
     last = epochs_logged(adam_ref)[-1]
     for f in (adam_ref / "model.h5", ckpt.checkpoint_path(adam_ref, STEPS)):
-        proc = run_dptrain(["eval", "--checkpoint", str(f)], cwd=empty, timeout=60)
+        proc = run_dptrain(["eval", "--checkpoint", str(f)], cwd=empty)
         m = re.search(r"test loss (\S+) accuracy (\S+) \((\d+) samples, digits\)", ok(proc))
         assert m, proc.stdout
         assert float(m.group(2)) == pytest.approx(last["test_acc"], abs=1e-4)
@@ -300,8 +304,9 @@ def _resume_limited(run: Path, preexec: object, *extra: str) -> subprocess.Compl
     cmd = [sys.executable, "-m", "dptrain", "--run-dir", str(run), *ADAM,
            "--checkpoint-every", "7", "--keep-last", "2", "--epochs", "3", "--resume", "auto",
            *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env(),
-                          preexec_fn=preexec, cwd=ROOT, stdin=subprocess.DEVNULL)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD,
+                          env=child_env(), preexec_fn=preexec, cwd=ROOT,
+                          stdin=subprocess.DEVNULL)
 
 
 def test_full_disk_stops_with_exit_2_and_keeps_checkpoints(adam_ref: Path,

@@ -2,8 +2,11 @@
 
 The preempted jobs are signalled mid-run (USR1 to the batch shell, or `scontrol requeue`,
 which sends TERM), checkpoint, are requeued, resume and must end with exactly the
-parameters of the uninterrupted job. CI starts a one-node Slurm (../shared/slurm) and sets
-DPTRAIN_SLURM_OK; locally, as root: DPTRAIN_SLURM_CPUS=4 ../shared/slurm/start-slurm.sh.
+parameters of the uninterrupted job. "Mid-run" is made certain by pause points
+(tests/pause_points.py): the ranks wait after checkpoint 30 until the signal has reached
+every one of them, so a fast machine cannot finish first. CI starts a one-node Slurm
+(../shared/slurm) and sets DPTRAIN_SLURM_OK; locally, as root:
+DPTRAIN_SLURM_CPUS=4 ../shared/slurm/start-slurm.sh.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, child_env
+from conftest import HANG_GUARD, ROOT, child_env, mpi4py_missing
+from pause_points import pause_env, reached, release
 
 from dptrain import checkpoint as ckpt
 from dptrain.errors import UserError
@@ -42,6 +46,7 @@ progress = "off"
 """
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                 "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+PREEMPT_AT = 30                          # the checkpoint after which the jobs are signalled
 
 
 # -- is there a Slurm? ----------------------------------------------------------------
@@ -66,7 +71,7 @@ def slurm_missing() -> str | None:
 
 @pytest.fixture(scope="module")
 def slurm() -> None:
-    why = slurm_missing()
+    why = slurm_missing() or mpi4py_missing()  # the jobs run this Python's mpi4py
     if why:
         pytest.skip(why)
 
@@ -129,7 +134,7 @@ def wait_until(job: Job, done, what: str, timeout: float) -> None:
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{job.describe()}")
 
 
-def wait_final(job: Job, timeout: float = 90) -> dict[str, str]:
+def wait_final(job: Job, timeout: float = HANG_GUARD) -> dict[str, str]:
     wait_until(job, lambda: job.state() in FINAL_STATES, "the job to end", timeout)
     return job.info()
 
@@ -150,7 +155,7 @@ def start_requeued_now(job: Job) -> None:
     def requeued_or_ended() -> bool:
         return job.state() in {"PENDING", *FINAL_STATES} or "attempt 2" in job.text()
 
-    wait_until(job, requeued_or_ended, "the job to be requeued", 30)
+    wait_until(job, requeued_or_ended, "the job to be requeued", HANG_GUARD)
     if job.state() != "PENDING":
         return  # already running again, or ended (the caller's checks say how)
     spool = spool_dir()
@@ -162,7 +167,14 @@ def start_requeued_now(job: Job) -> None:
         return (job.state() != "PENDING"
                 or not any(pattern.search(p.name) for p in spool.iterdir()))
 
-    wait_until(job, old_steps_gone, "the old attempt's steps to end", 30)
+    wait_until(job, old_steps_gone, "the old attempt's steps to end", HANG_GUARD)
+    # When the old attempt left the node, slurmd revoked the job's credential as of that
+    # second, and it refuses any credential of the job created in the same second or before
+    # (slurmctld then kills the rerun: "Job credential revoked"). The revocation happened
+    # before the job showed PENDING, so a start from the next whole second on is safe.
+    seen = int(time.time())
+    while int(time.time()) <= seen:
+        time.sleep(0.05)
     subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"],
                    capture_output=True, timeout=20)
 
@@ -235,12 +247,35 @@ def test_one_task_job_matches_two_tasks(completed: tuple[Job, dict], workdir: Pa
 
 
 # -- preemption -----------------------------------------------------------------------
+def pausing_job(workdir: Path, name: str, tasks: int = 2, **env: str) -> tuple[Job, Path]:
+    """A job whose ranks pause after checkpoint PREEMPT_AT and in the handler of the first
+    stop signal there; the job and its marker directory."""
+    pauses = workdir / f"{name}.pauses"
+    job = submit(workdir, name, tasks=tasks, **env,
+                 **pause_env(pauses, f"checkpoint@{PREEMPT_AT}", f"signal@{PREEMPT_AT}"))
+    return job, pauses
+
+
+def signal_mid_run(job: Job, pauses: Path, tasks: int, signal_cmd: list[str]) -> None:
+    """Run ``signal_cmd JOBID`` while every rank waits after checkpoint PREEMPT_AT; let the
+    ranks go on once each has caught the signal (they stop at the next step)."""
+    def paused(point: str) -> list[Path]:
+        return reached(pauses, point, PREEMPT_AT, count=tasks)
+
+    wait_until(job, lambda: paused("checkpoint") or job.state() in FINAL_STATES,
+               f"checkpoint {PREEMPT_AT}", HANG_GUARD)
+    at_checkpoint = paused("checkpoint")
+    assert at_checkpoint, f"the job ended before checkpoint {PREEMPT_AT}\n{job.describe()}"
+    r = subprocess.run([*signal_cmd, job.id], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, f"{' '.join(signal_cmd)} failed: {r.stderr}\n{job.describe()}"
+    wait_until(job, lambda: paused("signal"), "every rank to catch the signal", HANG_GUARD)
+    release(paused("signal") + at_checkpoint)
+
+
 def preempted_run(workdir: Path, name: str, preempt: list[str]) -> tuple[Job, int]:
-    """Submit, run ``preempt`` after the first epoch, let it requeue and finish."""
-    job = submit(workdir, name)
-    wait_until(job, lambda: f"epoch 1/{EPOCHS}" in job.text(), "the first epoch", 60)
-    r = subprocess.run([*preempt, job.id], capture_output=True, text=True, timeout=20)
-    assert r.returncode == 0, f"{' '.join(preempt)} failed: {r.stderr}\n{job.describe()}"
+    """Submit, run ``preempt`` after checkpoint PREEMPT_AT, let it requeue and finish."""
+    job, pauses = pausing_job(workdir, name)
+    signal_mid_run(job, pauses, 2, preempt)
     start_requeued_now(job)
     info = wait_final(job)
     text = job.text()
@@ -249,7 +284,7 @@ def preempted_run(workdir: Path, name: str, preempt: list[str]) -> tuple[Job, in
     m = re.search(r"stopping on SIG(?:USR1|TERM) at step (\d+): checkpoint (\S+);", text)
     assert m, f"no preemption checkpoint in the log\n{text}"
     step = int(m.group(1))
-    assert 0 < step < STEPS
+    assert step == PREEMPT_AT + 1  # the first step boundary after the signal
     assert ("training stopped on a signal (exit 75, dptrain's exit after its preemption "
             "checkpoint: srun's 'Exited with exit code 75' above is expected)") in text
     newest = ckpt.list_checkpoints(job.run_dir)  # after the resumed run: more than then
@@ -355,14 +390,16 @@ def test_sbatch_n_alone_sets_the_tasks_and_cpus(slurm: None, workdir: Path) -> N
 
 @pytest.mark.slurm
 def test_requeue_cap_stops_with_the_checkpoint(slurm: None, workdir: Path) -> None:
-    job = submit(workdir, "capped", tasks=1, DPTRAIN_MAX_REQUEUES="0")
-    wait_until(job, lambda: f"epoch 1/{EPOCHS}" in job.text(), "the first epoch", 60)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=20)
+    job, pauses = pausing_job(workdir, "capped", tasks=1, DPTRAIN_MAX_REQUEUES="0")
+    signal_mid_run(job, pauses, 1, ["scancel", "--signal=USR1", "--batch"])
     info = wait_final(job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0", job.describe()
     assert info["Restarts"] == "0"
     assert "not requeued: already requeued 0 time(s) (DPTRAIN_MAX_REQUEUES=0)" in job.text()
-    assert ckpt.list_checkpoints(job.run_dir) and not (job.run_dir / "model.h5").exists()
+    stop = PREEMPT_AT + 1
+    assert f"stopping on SIGUSR1 at step {stop}: checkpoint" in job.text()
+    assert ckpt.list_checkpoints(job.run_dir)[0] == ckpt.checkpoint_path(job.run_dir, stop)
+    assert not (job.run_dir / "model.h5").exists()
 
 
 @pytest.mark.slurm
@@ -384,7 +421,7 @@ def test_srun_without_pmi_is_refused_in_one_line(slurm: None, workdir: Path) -> 
     env = {k: v for k, v in child_env().items() if not k.startswith("SLURM_")}
     r = subprocess.run(["srun", "--mpi=none", "--ntasks=2", "--time=5", sys.executable, "-m",
                         "dptrain", "--model", "mlp", "--epochs", "1", "--run-dir", str(run_dir)],
-                       capture_output=True, text=True, timeout=120, env=env,
+                       capture_output=True, text=True, timeout=HANG_GUARD, env=env,
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 2, r.stdout + r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("dptrain: error:")]

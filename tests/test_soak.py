@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import child_env, run_dptrain
+from conftest import HANG_GUARD, child_env, run_dptrain
+from pause_points import pause_env, reached
 
 from dptrain import checkpoint as ckpt
 
@@ -76,23 +77,26 @@ def params_of(run_dir: Path) -> np.ndarray:
 
 
 def kill_mid_write(run_dir: Path, step: int) -> int:
-    """Start a run that pauses inside every checkpoint write; SIGKILL it while checkpoint
-    ``step`` is a half-written temporary file."""
-    env = child_env(DPTRAIN_TEST_PAUSE_IN_WRITE="0.3")
+    """Start a run that pauses half-way through the write of checkpoint ``step``; SIGKILL
+    it there, while the checkpoint is a half-written temporary file."""
+    pauses = Path(f"{run_dir}.pauses")
+    env = child_env(**pause_env(pauses, f"write@{step}"))
     proc = subprocess.Popen([sys.executable, "-m", "dptrain", *ARGS, "--run-dir", str(run_dir)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             stdin=subprocess.DEVNULL)
-    tmp_name = f".ckpt-{step:09d}.h5.{proc.pid}.tmp"
-    tmp = ckpt.checkpoint_dir(run_dir) / tmp_name
-    deadline = time.monotonic() + 60
+    tmp = ckpt.checkpoint_dir(run_dir) / f".ckpt-{step:09d}.h5.{proc.pid}.tmp"
+    deadline = time.monotonic() + HANG_GUARD
     try:
-        while not tmp.exists():
+        while not reached(pauses, "write", step):
             assert proc.poll() is None, "the run ended before the checkpoint write"
             assert time.monotonic() < deadline, "no checkpoint write seen"
             time.sleep(0.01)
+        assert tmp.exists()
         os.kill(proc.pid, signal.SIGKILL)
     finally:
-        code = proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+        code = proc.wait(timeout=HANG_GUARD)
     assert tmp.exists()  # the half file is still there for the resume to ignore
     return code
 
@@ -103,7 +107,7 @@ def run_trial(base: Path, i: int, t: Trial) -> tuple[Trial, np.ndarray, str]:
         code = kill_mid_write(run_dir, t.step)
     else:
         fault = f"rank={t.rank},where={t.where},step={t.step},kind=kill"
-        proc = run_dptrain([*ARGS, "--run-dir", str(run_dir)], n=t.n, timeout=60,
+        proc = run_dptrain([*ARGS, "--run-dir", str(run_dir)], n=t.n, timeout=HANG_GUARD,
                            env=child_env(DPTRAIN_FAULT=fault))
         code = proc.returncode
     assert code != 0, (i, t)
@@ -111,7 +115,7 @@ def run_trial(base: Path, i: int, t: Trial) -> tuple[Trial, np.ndarray, str]:
         assert code == -signal.SIGKILL, (i, t, code)
     assert not (run_dir / "model.h5").exists(), (i, t)
     resumed = run_dptrain([*ARGS, "--run-dir", str(run_dir), "--resume", "auto"], n=t.n,
-                          timeout=60)
+                          timeout=HANG_GUARD)
     assert resumed.returncode == 0, (i, t, resumed.stdout + resumed.stderr)
     return t, params_of(run_dir), resumed.stdout
 
@@ -121,7 +125,7 @@ def run_trial(base: Path, i: int, t: Trial) -> tuple[Trial, np.ndarray, str]:
 def test_killed_and_resumed_runs_end_bit_identical(tmp_path):
     refs = {}
     for n in (None, 2):
-        proc = run_dptrain([*ARGS, "--run-dir", str(tmp_path / f"ref{n}")], n=n, timeout=60)
+        proc = run_dptrain([*ARGS, "--run-dir", str(tmp_path / f"ref{n}")], n=n, timeout=HANG_GUARD)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         refs[n] = params_of(tmp_path / f"ref{n}")
     assert not np.array_equal(refs[None], refs[2])  # bitwise equality is a sharp test

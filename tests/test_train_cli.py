@@ -16,7 +16,7 @@ def _epoch_lines(out: str) -> list[str]:
 
 def test_cnn_learns_the_digits_and_eval_agrees(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    r = run_dptrain(["--run-dir", str(run), "--epochs", "4", "--progress", "off"], timeout=180)
+    r = run_dptrain(["--run-dir", str(run), "--epochs", "4", "--progress", "off"])
     assert r.returncode == 0, r.stderr
     lines = _epoch_lines(r.stdout)
     assert len(lines) == 4
@@ -35,7 +35,7 @@ def test_cnn_learns_the_digits_and_eval_agrees(tmp_path: Path) -> None:
     with h5py.File(run / "model.h5") as f:               # readable without dptrain
         assert f.attrs["kind"] == "model"
         assert f["params/09_dense/W"].shape == (128, 10)
-    ev = run_dptrain(["eval", "--run-dir", str(run)], timeout=60)
+    ev = run_dptrain(["eval", "--run-dir", str(run)])
     assert ev.returncode == 0, ev.stderr
     got = float(re.search(r"accuracy ([0-9.]+)", ev.stdout).group(1))
     assert abs(got - acc) < 1e-4
@@ -58,7 +58,7 @@ def test_debug_mode_never_imports_mpi_and_checks_gradients(tmp_path: Path) -> No
             f"rc = main(['--debug', '--epochs', '1', '--model', 'mlp', '--run-dir', "
             f"{str(tmp_path / 'run')!r}, '--progress', 'off']); "
             "assert 'mpi4py' not in sys.modules, 'mpi4py imported'; sys.exit(rc)")
-    r = run_python(["-c", code], timeout=120)
+    r = run_python(["-c", code])
     assert r.returncode == 0, r.stderr
     m = re.search(r"gradient check on \d+ samples: worst relative error ([0-9.e+-]+)", r.stdout)
     assert m and float(m.group(1)) < 1e-4, r.stdout

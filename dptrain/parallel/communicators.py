@@ -22,11 +22,16 @@ def make_communicator(kind: str = "auto") -> Communicator:
     if kind == "local" or (kind in ("auto", "nccl") and not launched_by_mpi()):
         return LocalComm()
     try:
-        import mpi4py  # noqa: F401, PLC0415
+        from mpi4py import MPI  # noqa: F401, PLC0415
     except ImportError:
         raise UserError(
             "launched under an MPI launcher but mpi4py is not installed in this Python "
             "(pip install mpi4py, or run one process without mpiexec / with --debug)") from None
+    except RuntimeError as e:  # mpi4py >= 4 finds no MPI library to load
+        said = "; ".join(str(e).splitlines()[:2])
+        raise UserError(
+            f"launched under an MPI launcher but mpi4py cannot load an MPI library ({said}): "
+            "pip install mpich, or make the launcher's MPI library findable") from None
     from .mpi import MPIComm  # noqa: PLC0415
 
     comm = MPIComm()

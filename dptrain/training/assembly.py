@@ -152,6 +152,8 @@ def build_trainer(cfg: Config, comm: Communicator | None = None, *,
     fault = agree(comm, faults.load)
     if fault is not None:
         say(f"note: {faults.ENV} is set; a test fault is armed: {fault}")
+    if faults.pauses() is not None:
+        say(f"note: {faults.PAUSE_ENV} is set; pausing for a test at {faults.pauses()}")
     par = cfg.parallel
     backend = select_backend(par.device, comm.local_rank, comm.local_size,
                              par.allow_gpu_sharing, comm=comm)

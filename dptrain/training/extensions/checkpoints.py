@@ -29,8 +29,9 @@ class Checkpointing(Extension):
                  continue_on_error: bool = False) -> None:
         self.run_dir, self.kind, self.amount = run_dir, kind, amount
         self.keep_last, self.continue_on_error = keep_last, continue_on_error
-        #: where tests attach to the writer (``checkpoint.WRITE_POINTS``)
-        self.hooks = Hooks(*ckpt.WRITE_POINTS)
+        #: where tests attach: the writer's points (``checkpoint.WRITE_POINTS``) and
+        #: ``saved`` (a checkpoint is written and every rank knows it)
+        self.hooks = Hooks(*ckpt.WRITE_POINTS, "saved")
         self.on_disk: Path | None = None   # the newest step checkpoint this run has
         self._on_disk_extras = ""          # ... and the extension state it holds
         self.last_save = 0.0               # agreed seconds into training of the last one
@@ -106,6 +107,8 @@ class Checkpointing(Extension):
             trainer.step.timeline.add("checkpoint", t0, t1, path=str(path))
         trainer.log("checkpoint", step=step, epoch=trainer.state.epoch, path=str(path),
                     seconds=round(t1 - t0, 4), best=best)
+        if self.hooks:
+            self.hooks.fire("saved", path=path, step=step)
         return path
 
     def save_model(self, trainer: Any) -> Path | None:
