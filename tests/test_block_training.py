@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from ckpt_runs import assert_close, assert_identical, steps_on_disk, train
 from conftest import ROOT, child_env, run_dptrain
+from test_docs import blocks
 from test_mpi_equivalence import read_params, rel_diff
 
 from dptrain import checkpoint as ckpt
@@ -77,9 +78,9 @@ def test_resnet20_resumes_bit_for_bit_and_on_another_world_size(tmp_path: Path):
 
 def _block(marker: str) -> str:
     """The fenced code block of docs/models.md whose first line holds ``marker``."""
-    for block in re.findall(r"```\w*\n(.*?)```", DOCS.read_text(), re.S):
-        if marker in block.splitlines()[0]:
-            return block
+    for block in blocks(DOCS):
+        if block.body and marker in block.body.splitlines()[0]:
+            return block.body
     raise AssertionError(f"no code block starting with {marker!r} in {DOCS}")
 
 
