@@ -58,7 +58,8 @@ class _LocalParts:
     micro_batch: int
 
 
-def _num_outputs(data: DataSplits) -> int:
+def num_outputs(data: DataSplits) -> int:
+    """Classes or targets per sample the model must output for ``data``."""
     y = data.train.y
     if y.ndim == 2:
         return int(y.shape[1])
@@ -85,7 +86,7 @@ def _local_parts(cfg: Config, backend: Backend, world: int, local_size: int) -> 
     check_output_file(cfg.run.timeline, "timeline")
     data = load_from_config(cfg.data, dtype=cfg.model.dtype, seed=cfg.run.seed)
     train = data.train
-    num_out = _num_outputs(data)
+    num_out = num_outputs(data)
     model = build_model(cfg, train.sample_shape, num_out, backend.xp)
     labels_first = len(model.output_shape) == 1 and train.has_labels
     if labels_first:  # out-of-range labels are named before the output-shape mismatch

@@ -71,8 +71,13 @@ class EarlyStopping(Extension):
                 f"{self.patience}; {best}")
 
     def state_dict(self) -> dict[str, float]:
-        return {"best_metric": self.best, "best_epoch": self.best_epoch,
-                "best_of": BEST_METRICS.index(self.metric), "early_stop_wait": self.wait}
+        # best_metric is a counter of the format; the others only where they are not 0, so
+        # that a run that never evaluated writes the layout files always had
+        state: dict[str, float] = {"best_metric": self.best}
+        extra = {"best_epoch": self.best_epoch, "best_of": BEST_METRICS.index(self.metric),
+                 "early_stop_wait": self.wait}
+        state.update({k: v for k, v in extra.items() if v})
+        return state
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         # files written before the choice of metric judged the best by test accuracy
