@@ -51,8 +51,12 @@ class TensorBoardLogger(Extension):
             writer_class = summary_writer_class()
             step = trainer.state.global_step
             try:
+                # event files are named by the second they are opened in: the step in
+                # the suffix keeps a quick resume from overwriting the earlier file, and
+                # files of one second in order
                 self.writer = writer_class(logdir=str(self.path),
-                                           purge_step=step + 1 if step else None)
+                                           purge_step=step + 1 if step else None,
+                                           filename_suffix=f".step{step:012d}")
             except OSError as e:
                 raise UserError(f"cannot write TensorBoard events to {self.path}: "
                                 f"{e.strerror or e}") from None
