@@ -155,3 +155,15 @@ def test_watching_a_test_figure_needs_a_test_split(tmp_path):
                             "--model", "mlp", "--epochs", "1", *args], timeout=120)
         one_error(proc, part)
         assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_another_metric_starts_its_best_afresh(tmp_path):
+    run = tmp_path / "run"
+    train(run, ["--epochs", "3", "--max-steps", str(2 * STEPS_PER_EPOCH)])
+    assert ckpt.read_file(final_path(run)).trainer.extras.get("best_of", 0) == 0  # accuracy
+    train(run, ["--epochs", "3", "--resume", "auto", "--early-stop-metric", "test_loss"])
+    final = ckpt.read_file(final_path(run))
+    # the first epoch judged by the loss is the best by it: epoch 3, and best.h5 is its
+    assert final.trainer.extras["best_of"] == 1 and final.trainer.extras["best_epoch"] == 3
+    assert final.trainer.best_metric == events(run, "epoch")[-1]["test_loss"]
+    assert ckpt.read_file(ckpt.checkpoint_dir(run) / ckpt.BEST_NAME).trainer.epoch == 3
