@@ -1,4 +1,5 @@
-"""``loggers = ["csv"]``: one row per epoch in run_dir/metrics.csv (rank 0 writes).
+"""``loggers = ["csv"]``: one row per whole epoch in run_dir/metrics.csv (rank 0 writes;
+a run stopped part-way through an epoch leaves that part to metrics.jsonl).
 
 The columns are fixed when the file is created (those of the first epoch's record, in
 ``COLUMNS`` order) and kept for the file's life: a resumed run appends under the same
@@ -46,7 +47,7 @@ class CSVLogger(Extension):
         agree(trainer.comm, open_file, root_only=True)  # every rank learns if it failed
 
     def trigger(self, status: Status) -> bool:
-        return self.is_root and status.report_due
+        return self.is_root and status.epoch_end  # a row per whole epoch
 
     def __call__(self, trainer: Any, status: Status) -> None:
         rec = trainer.observation.get("epoch_record")
