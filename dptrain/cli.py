@@ -173,6 +173,8 @@ def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
         if args.confusion_png and classes:
             draw_confusion(res["confusion"], args.confusion_png, head)
             print(f"confusion matrix drawn in {args.confusion_png}")
+        elif args.confusion_png:
+            print(f"note: {path} is a regression model: no confusion matrix to draw")
     return 0
 
 
