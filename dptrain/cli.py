@@ -168,10 +168,11 @@ def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
     res = evaluate_model(model, get_loss(cfg.model.loss), ds, comm, backend.xp,
                          args.batch_size, confusion=classes)
     if comm.rank == 0:
-        head = f"{path}: {args.split} ({res['samples']} samples, {data.name})"
-        print("\n".join(report_lines(res, head)))
+        head = f"{path}: {args.split}"
+        print("\n".join(report_lines(res, head, data.name)))
         if args.confusion_png and classes:
-            draw_confusion(res["confusion"], args.confusion_png, head)
+            draw_confusion(res["confusion"], args.confusion_png,
+                           f"{head} ({res['samples']} samples, {data.name})")
             print(f"confusion matrix drawn in {args.confusion_png}")
         elif args.confusion_png:
             print(f"note: {path} is a regression model: no confusion matrix to draw")
