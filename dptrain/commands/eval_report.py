@@ -19,10 +19,10 @@ MAX_PRINTED_CLASSES = 30
 def report_lines(res: dict[str, Any], head: str, source: str = "") -> list[str]:
     """The report of an evaluation with ``confusion`` (or without: loss and accuracy);
     ``head`` starts the first line (the file and split), ``source`` ends it."""
-    line = f"{head} loss {res['loss']:.4f} accuracy {res['accuracy']:.4f}"
+    line = (f"{head} loss {res['loss']:.4f} accuracy {res['accuracy']:.4f} "
+            f"({res['samples']} samples{', ' + source if source else ''})")
     if "top5" in res:
-        line += f" top-5 {res['top5']:.4f}"
-    line += f" ({res['samples']} samples{', ' + source if source else ''})"
+        line += f"; top-5 {res['top5']:.4f}"
     conf = res.get("confusion")
     if conf is None:
         return [line]
