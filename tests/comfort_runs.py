@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from conftest import run_dptrain
+from refused import assert_one_error as one_error  # noqa: F401  (for the tests)
 
 SMALL = [{"type": "flatten"}, {"type": "dense", "units": 32}, {"type": "relu"},
          {"type": "dense", "units": 10}]
@@ -24,17 +25,6 @@ def train(run_dir: Path, args: list[str], n: int | None = None, timeout: float =
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc.stdout
-
-
-def one_error(proc, *parts: str) -> str:
-    """The run failed with exit code 2 and one line on stderr holding every part."""
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("dptrain: error: "), proc.stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
-    assert "Traceback" not in proc.stdout + proc.stderr
-    return lines[0]
 
 
 def events(run_dir: Path, kind: str | None = None) -> list[dict]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import fsync_dir, temp_name
 from ..errors import UserError
 
 #: the largest confusion matrix printed in full (a wider one goes to --confusion-png)
@@ -99,10 +100,11 @@ def draw_confusion(conf: np.ndarray, path: str, title: str) -> None:
                         ax.text(j, i, str(int(conf[i, j])), ha="center", va="center",
                                 fontsize=7, color="white" if frac[i, j] > 0.5 else "black")
         p = Path(path)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp.png")
+        tmp = temp_name(p)
         try:
-            fig.savefig(tmp, dpi=100, bbox_inches="tight")
+            fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
             os.replace(tmp, p)
+            fsync_dir(p.parent)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise UserError(f"cannot write {p}: {e.strerror or e}") from None

@@ -88,12 +88,14 @@ def write_predictions(path: Path, predictor: Any, source: Any, args: argparse.Na
     onto ``path``; nothing is left under either name on failure."""
     import h5py  # noqa: PLC0415
 
+    from ..atomic import fsync_dir, temp_name  # noqa: PLC0415
+
     n, bs = len(source), args.batch_size
     classifier = predictor.kind == "probabilities"
     shape = predictor.output_shape
     k = min(args.top_k, shape[0]) if classifier else 0
     rows = max(1, min(n, bs))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(path)
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"format": "dptrain predictions", "dptrain_version": __version__,
@@ -116,6 +118,7 @@ def write_predictions(path: Path, predictor: Any, source: Any, args: argparse.Na
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None

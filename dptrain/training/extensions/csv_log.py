@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 from typing import Any
 
+from ...atomic import write_atomic
 from ...errors import UserError
 from ...parallel import agree
 from ..extension import Extension
@@ -85,9 +85,8 @@ def _keep_rows_up_to(path: Path, step: int) -> list[str] | None:
     kept = [r for r in rows[1:] if len(r) == len(header) and r[col].isdigit()
             and int(r[col]) <= step]
     if len(kept) != len(rows) - 1:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows([header, *kept])
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([header, *kept])
+        write_atomic(path, [text.getvalue().encode()])
     return header
 
