@@ -285,7 +285,9 @@ def write_file(path: str | Path, ck: Checkpoint, hooks: Hooks | None = None) -> 
 
 # -- reading ---------------------------------------------------------------------------
 #: what a reader needs of the root attributes: text, or integers (>= 0)
-META_TEXT = ("format", "kind", "dtype", "dptrain_version", "created")
+#: ``normalization`` (optional): JSON text of the per-channel statistics the inputs were
+#: normalised with in training (data.ChannelStats.to_dict()), applied by inference
+META_TEXT = ("format", "kind", "dtype", "dptrain_version", "created", "normalization")
 META_INT = ("format_version", "world_size", "num_params")
 
 

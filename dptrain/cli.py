@@ -1,4 +1,4 @@
-"""The command line: ``python -m dptrain [train|eval|inspect]``.
+"""The command line: ``python -m dptrain [train|eval|inspect|predict|summary]``.
 
 User mistakes print one line (rank 0 only) and exit with 2; ``--traceback`` shows the
 stack. Any other exception on any rank prints there, tagged with the rank, and aborts the
@@ -20,7 +20,7 @@ from .config import FIELDS, SECTIONS, Config, load_toml, make_config, parse_valu
 from .errors import EXIT_FAILURE, EXIT_USER_ERROR, StopTraining, UserError
 from .parallel.launch import launched_by_mpi, launcher_rank, launcher_world_size
 
-COMMANDS = ("train", "eval", "inspect")
+COMMANDS = ("train", "eval", "inspect", "predict", "summary")
 
 
 def fail(message: str) -> NoReturn:
@@ -48,8 +48,9 @@ def train_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m dptrain [train]",
                       usage="python -m dptrain [train] [--config FILE] [OPTIONS]",
                       description="Train a model data-parallel over MPI ranks (or in one "
-                                  "process). Other commands: `eval`, `inspect` (see `python -m "
-                                  "dptrain eval --help`). Options override the config file; "
+                                  "process). Other commands: `eval`, `inspect`, `predict`, "
+                                  "`summary` (see `python -m dptrain eval --help`). Options "
+                                  "override the config file; "
                                   "every option is also a config-file key (with underscores), "
                                   "at the top level or in its [section].")
     p.add_argument("--config", metavar="FILE", help="TOML config file")
@@ -85,6 +86,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "gpu", "auto"), default="cpu")
     p.add_argument("--allow-gpu-sharing", action="store_true",
                    help="allow more ranks than GPUs on a node")
+    p.add_argument("--confusion-png", metavar="PATH",
+                   help="also draw the confusion matrix into this PNG (needs matplotlib)")
     p.add_argument("--traceback", action="store_true")
     return p
 
@@ -133,6 +136,7 @@ def cmd_train(args: argparse.Namespace, run: _Run) -> int:
 def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
     from . import checkpoint as ckpt  # noqa: PLC0415
     from .backend import select_backend  # noqa: PLC0415
+    from .commands.eval_report import check_png_path, draw_confusion, report_lines  # noqa
     from .config import config_from_dict  # noqa: PLC0415
     from .data import load_from_config, validate_for_model  # noqa: PLC0415
     from .nn import Sequential, get_loss  # noqa: PLC0415
@@ -140,6 +144,8 @@ def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, not {args.batch_size}")
+    if args.confusion_png:
+        check_png_path(args.confusion_png)
     comm = run.communicator("auto")
     path = Path(args.checkpoint) if args.checkpoint else _model_of_run(Path(args.run_dir),
                                                                        comm.rank == 0)
@@ -156,11 +162,20 @@ def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
     ds = data.test if args.split == "test" else data.train
     if ds is None or len(ds) == 0:
         raise UserError(f"dataset {data.name} has no {args.split} split")
+    # classes: labels, or the targets of a cross-entropy (a regression has no classes)
+    classes = len(model.output_shape) == 1 and model.output_shape[0] > 1 and (
+        ds.has_labels or cfg.model.loss != "mse")
     res = evaluate_model(model, get_loss(cfg.model.loss), ds, comm, backend.xp,
-                         args.batch_size)
+                         args.batch_size, confusion=classes)
     if comm.rank == 0:
-        print(f"{path}: {args.split} loss {res['loss']:.4f} accuracy {res['accuracy']:.4f} "
-              f"({res['samples']} samples, {data.name})")
+        head = f"{path}: {args.split}"
+        print("\n".join(report_lines(res, head, data.name)))
+        if args.confusion_png and classes:
+            draw_confusion(res["confusion"], args.confusion_png,
+                           f"{head} ({res['samples']} samples, {data.name})")
+            print(f"confusion matrix drawn in {args.confusion_png}")
+        elif args.confusion_png:
+            print(f"note: {path} is a regression model: no confusion matrix to draw")
     return 0
 
 
@@ -274,9 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import signals  # noqa: PLC0415
 
         signals.install()
-    parser = {"train": train_parser, "eval": eval_parser, "inspect": inspect_parser}[cmd]()
+    from .commands.predict import cmd_predict, predict_parser  # noqa: PLC0415
+    from .commands.summary import cmd_summary, summary_parser  # noqa: PLC0415
+
+    parser = {"train": train_parser, "eval": eval_parser, "inspect": inspect_parser,
+              "predict": lambda: predict_parser(OneLineParser),
+              "summary": lambda: summary_parser(train_parser)}[cmd]()
     args = parser.parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}[cmd]
+    handler = {"train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect,
+               "predict": cmd_predict, "summary": cmd_summary}[cmd]
     return run_command(handler, args)
 
 

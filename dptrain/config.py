@@ -72,6 +72,10 @@ FINITE = Range()
 UNIT_OPEN = Range(0, 1, high_open=True)       # [0, 1)
 COUNT = Range(1, 10**12)
 COUNT0 = Range(0, 10**12)                    # 0 = off / no limit
+#: the loggers a run can add to metrics.jsonl
+LOGGERS = ("csv", "tensorboard")
+#: the per-epoch figures a schedule or early stopping can watch
+METRICS = ("test_loss", "test_acc", "train_loss", "train_acc")
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -104,6 +108,10 @@ class ModelConfig:
     loss: str = opt("cross_entropy", "cross_entropy (from logits), cross_entropy_probs "
                                      "(after a softmax layer), or mse",
                     choices=("cross_entropy", "cross_entropy_probs", "mse"))
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy losses (PyTorch's): "
+                                      "the training target becomes (1 - s) * target + s / "
+                                      "classes; test losses are reported without it",
+                                 range=UNIT_OPEN)
 
 
 @dataclass(frozen=True)
@@ -139,14 +147,39 @@ class ScheduleConfig:
     accum_steps: int = opt(1, "micro-batches accumulated per optimizer step (no communication "
                               "on the first accum_steps - 1)", range=Range(1, 10**6))
     eval_batch_size: int = opt(256, "global batch size for evaluation", range=Range(1, 10**8))
-    lr_schedule: str = opt("constant", "learning-rate schedule",
-                           choices=("constant", "step", "cosine"))
+    lr_schedule: str = opt("constant", "learning-rate schedule (plateau: reduce on plateau of "
+                                       "plateau_metric, once per epoch)",
+                           choices=("constant", "step", "cosine", "plateau"))
     warmup_steps: int = opt(0, "linear warmup steps before the schedule (0 = none)",
                             range=COUNT0)
     lr_step_size: int = opt(1000, "steps between decays of the step schedule", range=COUNT)
     lr_gamma: float = opt(0.1, "decay factor of the step schedule",
                           range=Range(0, 1, low_open=True))
-    min_lr: float = opt(0.0, "final learning rate of the cosine schedule", range=NON_NEGATIVE)
+    min_lr: float = opt(0.0, "final learning rate of the cosine schedule; the floor of the "
+                             "plateau schedule", range=NON_NEGATIVE)
+    plateau_metric: str = opt("test_loss", "what the plateau schedule watches (losses should "
+                                           "fall, accuracies rise)", choices=METRICS)
+    plateau_factor: float = opt(0.1, "the plateau schedule multiplies the rate by this",
+                                range=Range(0, 1, low_open=True, high_open=True))
+    plateau_patience: int = opt(10, "epochs without improvement before the plateau schedule "
+                                    "lowers the rate (it lowers it on the next one)",
+                                range=COUNT0)
+    plateau_cooldown: int = opt(0, "epochs after a reduction in which the plateau schedule "
+                                   "counts no bad epochs", range=COUNT0)
+    plateau_threshold: float = opt(1e-4, "how much better than the best an epoch must be to "
+                                         "count as an improvement (plateau schedule)",
+                                   range=NON_NEGATIVE)
+    plateau_threshold_mode: str = opt("rel", "plateau_threshold relative to the best (rel) or "
+                                             "absolute (abs)", choices=("rel", "abs"))
+    early_stop_patience: int = opt(0, "stop after this many epochs in a row without an "
+                                      "improvement of early_stop_metric (0 = never stop "
+                                      "early)", range=COUNT0)
+    early_stop_metric: str = opt("test_acc", "the metric that picks the best epoch (best.h5, "
+                                             "restore_best) and that early stopping watches",
+                                 choices=("test_loss", "test_acc"))
+    early_stop_min_delta: float = opt(0.0, "an epoch improves on the best when it is better by "
+                                           "at least this much (and better at all)",
+                                      range=NON_NEGATIVE)
 
     def global_batch(self, world: int) -> int:
         """Samples per micro-batch over all ranks."""
@@ -219,6 +252,8 @@ class CheckpointConfig:
     allow_config_change: bool = opt(False, "let a resumed run change options that alter the "
                                            "training trajectory (lr, batch size, ...); the "
                                            "earlier config.json is kept beside the new one")
+    restore_best: bool = opt(False, "at the end, model.h5 gets the weights of the best epoch "
+                                    "(best.h5, by early_stop_metric) instead of the last")
 
 
 @dataclass(frozen=True)
@@ -249,6 +284,9 @@ class RunConfig:
                          message="{name} must be positive, not {value} (range {range})")
     timeline: str = opt("", "write a Chrome trace (JSON) of each step's phases to this path",
                         default_text="none", metavar="FILE")
+    loggers: tuple = opt((), "more per-epoch logs besides metrics.jsonl, in the run directory: "
+                             "csv (metrics.csv), tensorboard (event files in tensorboard/; "
+                             "needs the tensorboardX package)", choices=LOGGERS)
 
 
 SECTIONS: dict[str, type] = {
@@ -352,6 +390,13 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key {name!r} must be a list, not "
                             f"{type(value).__name__} ({value!r})")
+        if o.choices:  # a list of names, each one of the choices, none twice
+            bad = [v for v in value if v not in o.choices]
+            if bad:
+                raise UserError(f"config key {name!r}: {bad[0]!r} is not one of "
+                                f"{', '.join(o.choices)}")
+            if len(set(value)) != len(value):
+                raise UserError(f"config key {name!r} names an entry twice: {list(value)}")
         return tuple(value)
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))
           or kind is float and isinstance(value, int) and not isinstance(value, bool))
@@ -384,6 +429,8 @@ def parse_value(name: str, text: str) -> Any:
             if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError
             return low in ("1", "true", "yes", "on")
+        if kind is tuple and o.choices and not text.lstrip().startswith("["):
+            return [w.strip() for w in text.split(",") if w.strip()]  # csv,tensorboard
         if kind is tuple:
             v = json.loads(text if text.lstrip().startswith("[") else f"[{text}]")
             if not isinstance(v, list):
@@ -459,7 +506,7 @@ def validate(cfg: Config) -> None:
                         f"{list(shape)}")
     if o.nesterov and not o.momentum:
         raise UserError("nesterov needs momentum > 0")
-    if s.lr_schedule == "cosine" and s.min_lr > o.lr:
+    if s.lr_schedule in ("cosine", "plateau") and s.min_lr > o.lr:
         raise UserError(f"min_lr ({s.min_lr:g}) must not exceed lr ({o.lr:g})")
     if not cfg.run.run_dir.strip():
         raise UserError("run_dir must not be empty")

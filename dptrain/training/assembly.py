@@ -30,9 +30,12 @@ from ..parallel import Communicator, LocalComm, agree, device_comm, make_placeme
 from ..parallel.watchdog import Watchdog
 from ..timeline import Timeline
 from ..upload import BatchUploader
+from .evaluate import has_top5
 from .extension import Extension
 from .extensions import default_extensions
+from .extensions.tensorboard import summary_writer_class
 from .loop import Trainer
+from .monitor import check_watched, mode
 from .plan import BatchPlan
 from .step import TrainStep
 
@@ -55,7 +58,8 @@ class _LocalParts:
     micro_batch: int
 
 
-def _num_outputs(data: DataSplits) -> int:
+def num_outputs(data: DataSplits) -> int:
+    """Classes or targets per sample the model must output for ``data``."""
     y = data.train.y
     if y.ndim == 2:
         return int(y.shape[1])
@@ -82,7 +86,7 @@ def _local_parts(cfg: Config, backend: Backend, world: int, local_size: int) -> 
     check_output_file(cfg.run.timeline, "timeline")
     data = load_from_config(cfg.data, dtype=cfg.model.dtype, seed=cfg.run.seed)
     train = data.train
-    num_out = _num_outputs(data)
+    num_out = num_outputs(data)
     model = build_model(cfg, train.sample_shape, num_out, backend.xp)
     labels_first = len(model.output_shape) == 1 and train.has_labels
     if labels_first:  # out-of-range labels are named before the output-shape mismatch
@@ -92,11 +96,15 @@ def _local_parts(cfg: Config, backend: Backend, world: int, local_size: int) -> 
                         f"dataset's {num_out} classes/targets")
     if not labels_first:
         validate_for_model(data, model.input_shape, num_out, cfg.model.loss)
+    check_watched(cfg, data.test is not None and len(data.test) > 0)
+    if "tensorboard" in cfg.run.loggers:
+        summary_writer_class()  # the optional package is there, or one line now
     micro_batch = cfg.schedule.global_batch(world)
     _check_local_batchnorm(model, micro_batch, world, len(train), cfg.schedule.accum_steps)
     check_batch_fits(model, -(-micro_batch // world), ranks_here=local_size)
     model.initialize(cfg.run.seed)
-    return _LocalParts(data, model, get_loss(cfg.model.loss), micro_batch)
+    loss = get_loss(cfg.model.loss, cfg.model.label_smoothing)
+    return _LocalParts(data, model, loss, micro_batch)
 
 
 def _micro_batch_sizes(n: int, micro: int, accum: int) -> list[int]:
@@ -171,7 +179,13 @@ def build_trainer(cfg: Config, comm: Communicator | None = None, *,
     sc, op = cfg.schedule, cfg.optim
     plan = BatchPlan(sampler, sc.epochs, sc.max_steps)
     schedule = make_schedule(sc.lr_schedule, op.lr, plan.total_steps, sc.warmup_steps,
-                             sc.lr_step_size, sc.lr_gamma, sc.min_lr)
+                             sc.lr_step_size, sc.lr_gamma, sc.min_lr,
+                             plateau_mode=mode(sc.plateau_metric),
+                             plateau_factor=sc.plateau_factor,
+                             plateau_patience=sc.plateau_patience,
+                             plateau_threshold=sc.plateau_threshold,
+                             plateau_threshold_mode=sc.plateau_threshold_mode,
+                             plateau_cooldown=sc.plateau_cooldown)
     timeline = Timeline(bool(cfg.run.timeline), comm.rank)
     # one node, CPU: gradients, parameters and optimizer state in memory the ranks share,
     # each rank updating its own slice (before the optimizer takes hold of the buffers)
@@ -193,12 +207,15 @@ def build_trainer(cfg: Config, comm: Communicator | None = None, *,
                      seed=cfg.run.seed, clip_norm=op.clip_norm,
                      undo_nonfinite=cfg.run.on_nonfinite == "skip", debug=cfg.run.debug,
                      timeline=timeline if timeline.enabled else None, watchdog=watchdog,
-                     allreduce_sum=comm.allreduce_sum if comm.size > 1 else None)
+                     allreduce_sum=comm.allreduce_sum if comm.size > 1 else None,
+                     top5=has_top5(model.output_shape[0]) and (
+                         train.has_labels or cfg.model.loss != "mse"))
     if extensions is None:
         extensions = default_extensions(cfg, test_split=parts.data.test, plan=plan,
                                         global_batch=sampler.batch_size,
                                         is_root=comm.rank == 0, timeline=timeline,
-                                        threads_line=threads_line)
+                                        threads_line=threads_line, schedule=schedule,
+                                        eval_loss=get_loss(cfg.model.loss))
     trainer = Trainer(cfg=cfg, comm=comm, backend=backend, data=parts.data, model=model,
                       loss=parts.loss, placement=placement, optimizer=optimizer, step=step,
                       plan=plan, schedule=schedule, extensions=extensions, watchdog=watchdog)

@@ -47,7 +47,9 @@ class Extension:
         return {}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        """Numbers of a checkpoint (every key any extension stored; take your own)."""
+        """Numbers of a checkpoint (every key any extension stored; take your own). Rank 0
+        also calls it while it checks the checkpoint, before anything on disk changes: a
+        UserError here refuses the resume cleanly, and it must be safe to call twice."""
 
 
 def every_steps(n: int, status: Status) -> bool:

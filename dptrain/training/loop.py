@@ -95,6 +95,8 @@ class Trainer:
             # NaN/Inf are reported once by the non-finite guard, not as a warning per rank
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 for batch in self.plan.batches(self.state):
+                    if self.stop_reason is not None:  # an extension's start ended the run
+                        break
                     report = self.step(batch, self.schedule(self.state.global_step))
                     status = self._advance(batch, report, agreement)
                     for ext in self.extensions:

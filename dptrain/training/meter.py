@@ -24,6 +24,7 @@ class Reduced:
     samples: float
     steps: int
     timing_ms: dict[str, float]
+    top5: float = 0.0        # samples with the label among the 5 highest outputs
 
     @property
     def loss(self) -> float:
@@ -34,6 +35,10 @@ class Reduced:
     def accuracy(self) -> float:
         return self.correct / max(1.0, self.samples)
 
+    @property
+    def top5_accuracy(self) -> float:
+        return self.top5 / max(1.0, self.samples)
+
 
 @dataclass
 class EpochMeter:
@@ -41,10 +46,11 @@ class EpochMeter:
 
     loss_sum: float = 0.0
     correct: float = 0.0
+    top5: float = 0.0
     samples: float = 0.0
     steps: int = 0
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    #: [loss, correct] summed on the device since the last read-back
+    #: [loss, correct, top-5 correct] summed on the device since the last read-back
     pending: Any = None
     started: float = field(default_factory=time.perf_counter)
     #: seconds from the meter's start to ``stop_clock()`` (the epoch's last step)
@@ -79,12 +85,14 @@ class EpochMeter:
     def reduce(self, comm: Communicator, to_host: Any) -> Reduced:
         """Sums over ranks (collective: every rank calls it at the same step)."""
         if self.pending is not None:  # the device sums come back here, once per report
-            loss, correct = to_host(self.pending)
+            loss, correct, top5 = to_host(self.pending)
             self.loss_sum += float(loss)
             self.correct += float(correct)
+            self.top5 += float(top5)
             self.pending = None
-        sums = comm.allreduce_scalars([self.loss_sum, self.correct, self.samples])
+        sums = comm.allreduce_scalars([self.loss_sum, self.correct, self.samples, self.top5])
         tmax = comm.allreduce_scalars([self.times[p] for p in PHASES], "max")
         per = max(1, self.steps)
         timing = {f"{p}_ms": round(1000 * t / per, 3) for p, t in zip(PHASES, tmax, strict=True)}
-        return Reduced(float(sums[0]), float(sums[1]), float(sums[2]), self.steps, timing)
+        return Reduced(float(sums[0]), float(sums[1]), float(sums[2]), self.steps, timing,
+                       float(sums[3]))

@@ -29,7 +29,9 @@ TRAJECTORY = ("model", "layers", "dtype", "loss", "dataset", "synthetic_shape",
               "synthetic_classes", "synthetic_samples", "batch_size", "batch_per_rank",
               "accum_steps", "lr_schedule", "warmup_steps", "lr_step_size", "lr_gamma",
               "min_lr", "optimizer", "lr", "momentum", "nesterov", "beta1", "beta2", "eps",
-              "weight_decay", "decay_bias_norm", "clip_norm", "seed")
+              "weight_decay", "decay_bias_norm", "clip_norm", "seed", "label_smoothing",
+              "plateau_metric", "plateau_factor", "plateau_patience", "plateau_cooldown",
+              "plateau_threshold", "plateau_threshold_mode")
 
 
 @dataclass
@@ -66,6 +68,7 @@ def load_resume(trainer: Trainer) -> Resume | None:
     _check_epoch_order(trainer, ck, path)
     changed = _changed_options(trainer, ck, path)
     _load(trainer, ck, path)
+    _check_extension_state(trainer, ck)
     t = ck.trainer
     where = (f"epoch {t.epoch + 1}" if t.epoch_pos or t.epoch < cfg.schedule.epochs
              else f"{t.epoch} epochs complete")
@@ -108,6 +111,16 @@ def _check_epoch_order(trainer: Trainer, ck: ckpt.Checkpoint, path: Path) -> Non
                     f"epoch {ck.trainer.epoch + 1} than the one that wrote {path} "
                     f"(numpy {ck.rng.get('numpy_version', '?')}); the rest of this epoch "
                     "will not repeat the interrupted run exactly")
+
+
+def _check_extension_state(trainer: Trainer, ck: ckpt.Checkpoint) -> None:
+    """Every extension takes the checkpoint's numbers here first, on rank 0, so that a
+    damaged value is refused before the run directory changes (every rank loads them again
+    after the broadcast)."""
+    t = ck.trainer
+    loaded = {"best_metric": t.best_metric, "skipped_steps": t.skipped_steps, **t.extras}
+    for ext in trainer.extensions:
+        ext.load_state_dict(loaded)
 
 
 def _load(trainer: Trainer, ck: ckpt.Checkpoint, path: Path) -> None:

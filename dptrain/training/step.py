@@ -39,7 +39,7 @@ class StepReport:
     #: was undone where the step keeps copies (on_nonfinite=skip)
     broken_by: int = 0
     samples: int = 0
-    sums: Any = None          # [loss, correct] of this rank, on the device
+    sums: Any = None          # [loss, correct, top-5 correct] of this rank, on the device
     grad_norm: float = 0.0
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -56,7 +56,7 @@ class TrainStep:
                  rank: int, world: int, micro_batch: int, accum_steps: int, seed: int,
                  clip_norm: float = 0.0, undo_nonfinite: bool = False, debug: bool = False,
                  timeline: Any = None, watchdog: Any = None,
-                 allreduce_sum: Any = None) -> None:
+                 allreduce_sum: Any = None, top5: bool = False) -> None:
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.placement, self.source = placement, source
         self.rank, self.world = rank, world
@@ -64,10 +64,12 @@ class TrainStep:
         self.clip_norm, self.debug = clip_norm, debug
         self.timeline, self.watchdog = timeline, watchdog
         self.allreduce_sum = allreduce_sum   # for layers that reduce over ranks (SyncBN)
+        self.top5 = top5                     # also count top-5 hits (5 classes or more)
         self.hooks = Hooks(*STEP_POINTS)
         xp = model.xp
         self.xp = xp
-        self._sums = xp.zeros(2, np.float64)  # [loss, correct]: no synchronisation per step
+        # [loss, correct, top-5 correct]: no synchronisation per step
+        self._sums = xp.zeros(3, np.float64)
         # a skipped step leaves BatchNorm statistics, parameters and optimizer state as they
         # were: with undo_nonfinite, copies of them are kept for the length of a step
         self._undo = _Undo(model, optimizer, placement) if undo_nonfinite else None
@@ -109,7 +111,10 @@ class TrainStep:
                     raise NonFiniteError("the input batch holds NaN/Inf (before any layer)")
                 out = self.model.forward(x, ctx, check_finite=self.debug)
                 sums[0] += self.loss.forward(out, y, scale, xp)
-                sums[1] += self.loss.count_correct(out, y, xp)
+                if self.top5:  # one pass over the outputs for top-1 and top-5
+                    sums[1:] += self.loss.count_topk(out, y, xp, (1, 5))
+                else:
+                    sums[1] += self.loss.count_correct(out, y, xp)
                 dout = self.loss.backward()
                 if hooks:
                     hooks.fire("backward", step=batch.step, rank=self.rank, array=dout)

@@ -1,5 +1,6 @@
 """Checkpoints on a schedule (every epoch, every N steps, every T seconds of agreed time),
-best.h5 when an epoch beats every earlier one, the final checkpoint and model.h5.
+best.h5 when an epoch is the new best (by ``early_stop_metric``: see early_stopping.py),
+the final checkpoint and model.h5 (with ``restore_best``, the best epoch's weights).
 
 Rank 0 writes (atomically: a temporary name, fsync, rename); every rank learns whether it
 worked, so all stop together on a failed write, or all go on with
@@ -26,8 +27,9 @@ class Checkpointing(Extension):
     name = "checkpoints"
 
     def __init__(self, run_dir: str, kind: str, amount: float, keep_last: int,
-                 continue_on_error: bool = False) -> None:
+                 continue_on_error: bool = False, restore_best: bool = False) -> None:
         self.run_dir, self.kind, self.amount = run_dir, kind, amount
+        self.restore_best = restore_best
         self.keep_last, self.continue_on_error = keep_last, continue_on_error
         #: where tests attach: the writer's points (``checkpoint.WRITE_POINTS``) and
         #: ``saved`` (a checkpoint is written and every rank knows it)
@@ -112,13 +114,41 @@ class Checkpointing(Extension):
         return path
 
     def save_model(self, trainer: Any) -> Path | None:
-        """The final model (architecture and weights) as run_dir/model.h5 (rank 0)."""
+        """The final model (architecture and weights) as run_dir/model.h5 (rank 0); with
+        ``restore_best``, the weights and model state of best.h5 instead."""
         if not trainer.is_root:
             return None
         path = Path(self.run_dir) / "model.h5"
-        ckpt.write_file(path, trainer.snapshot("model"))
-        trainer.say(f"saved model to {path}")
+        snap = trainer.snapshot("model")
+        note = self._restore_best(trainer, snap) if self.restore_best else ""
+        ckpt.write_file(path, snap)
+        trainer.say(f"saved model to {path}{note}")
         return path
+
+    def _restore_best(self, trainer: Any, snap: ckpt.Checkpoint) -> str:
+        """Put best.h5's parameters and model state into ``snap``, if best.h5 holds the
+        best epoch this run knows of; what model.h5 holds, for the saved-model line."""
+        state = trainer.extension_state()
+        epoch = int(state.get("best_epoch", 0))
+        best = ckpt.checkpoint_dir(self.run_dir) / ckpt.BEST_NAME
+        if not epoch:
+            trainer.say("warning: restore_best: no epoch was the best yet (no test figures); "
+                        "model.h5 holds the last weights")
+            return ""
+        try:
+            ck = ckpt.read_file(best)
+        except UserError as e:
+            trainer.say(f"warning: restore_best: {e}; model.h5 holds the last weights")
+            return ""
+        if ck.trainer.epoch != epoch:  # its write failed (continue_on_checkpoint_error)
+            trainer.say(f"warning: restore_best: {best} holds epoch {ck.trainer.epoch}, not "
+                        f"the best epoch {epoch}; model.h5 holds the last weights")
+            return ""
+        ckpt.check_compatible(ck, trainer.model, best)
+        snap.params, snap.state = ck.params, ck.state
+        metric = trainer.cfg.schedule.early_stop_metric
+        value = float(state.get("best_metric", float("nan")))
+        return f" (the weights of epoch {epoch}, the best by {metric}, {value:.4f}: restore_best)"
 
 
 def _as_user_error(fn: Any) -> Any:

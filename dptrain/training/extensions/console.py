@@ -78,11 +78,13 @@ class RunLog(Extension):
             return
         seconds = time.monotonic() - self.started
         ext = trainer.extension_state()
-        best, best_epoch = ext.get("best_metric", math.nan), ext.get("best_epoch", math.nan)
+        best, best_epoch = ext.get("best_metric", math.nan), ext.get("best_epoch", 0)
         parts = []
         if not math.isnan(best):
-            parts.append(f"best test accuracy {best:.4f}" + (
-                f" (epoch {int(best_epoch)})" if not math.isnan(best_epoch) else ""))
+            metric = trainer.cfg.schedule.early_stop_metric.replace("_acc", " accuracy") \
+                .replace("_", " ")
+            parts.append(f"best {metric} {best:.4f}" + (
+                f" (epoch {int(best_epoch)})" if best_epoch else ""))
         if not math.isnan(self.last_test_acc):
             parts.append(f"final {self.last_test_acc:.4f}")
         rate = steps * trainer.plan.sampler.batch_size / max(seconds, 1e-9)

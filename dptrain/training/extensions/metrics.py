@@ -25,13 +25,17 @@ class EpochLog(Extension):
         r = meter.reduce(trainer.comm, trainer.backend.to_host)
         elapsed = meter.elapsed
         obs = trainer.observation
+        lr = trainer.schedule(max(0, status.step - 1))  # the rate of the epoch's last step
         rec: dict[str, Any] = {
             "epoch": status.epoch + 1, "step": status.step,
-            "train_loss": r.loss, "train_acc": r.accuracy,
+            "train_loss": r.loss, "train_acc": r.accuracy}
+        if trainer.step.top5:
+            rec["train_top5"] = r.top5_accuracy
+        rec.update({
             "samples_per_sec": r.samples / elapsed if elapsed > 0 else 0.0,
-            "epoch_time": elapsed, "lr": trainer.schedule(max(0, status.step - 1)),
+            "epoch_time": elapsed, "lr": lr,
             "skipped_steps": int(trainer.extension_state().get("skipped_steps", 0)),
-            "timing_ms_per_step": r.timing_ms}
+            "timing_ms_per_step": r.timing_ms})
         spe = trainer.plan.steps_per_epoch
         in_epoch = status.step - status.epoch * spe
         partial = not status.epoch_end
@@ -42,11 +46,16 @@ class EpochLog(Extension):
         if "test_loss" in obs:
             rec.update(test_loss=obs["test_loss"], test_acc=obs["test_acc"])
             line += f"  test loss {obs['test_loss']:.4f} acc {obs['test_acc']:.4f}"
-        line += f"  {rec['samples_per_sec']:.0f} samples/s  {elapsed:.2f}s"
+            if "test_top5" in obs:
+                rec["test_top5"] = obs["test_top5"]
+                line += f" top5 {obs['test_top5']:.4f}"
+        line += f"  lr {lr:.3g}  {rec['samples_per_sec']:.0f} samples/s  {elapsed:.2f}s"
         if r.steps and trainer.world > 1:
             line += f"  (sync wait {r.timing_ms['sync_wait_ms']:.2f} ms/step)"
         if partial:
             line += f"  [partial epoch: {in_epoch} of {spe} steps]"
+        # the train figures for what watches them (plateau), the record for the loggers
+        obs.update(train_loss=r.loss, train_acc=r.accuracy, epoch_record=rec)
         trainer.say(line)
         trainer.log("epoch", **rec)
 
@@ -64,5 +73,7 @@ class StepLog(Extension):
 
     def __call__(self, trainer: Any, status: Status) -> None:
         r = trainer.meter.reduce(trainer.comm, trainer.backend.to_host)
-        trainer.log("step", step=status.step, epoch=status.epoch + 1, train_loss=r.loss,
-                    train_acc=r.accuracy, lr=trainer.schedule(max(0, status.step - 1)))
+        rec = {"step": status.step, "epoch": status.epoch + 1, "train_loss": r.loss,
+               "train_acc": r.accuracy, "lr": trainer.schedule(max(0, status.step - 1))}
+        trainer.observation["step_record"] = rec  # for the loggers
+        trainer.log("step", **rec)
