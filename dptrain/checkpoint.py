@@ -5,7 +5,9 @@ Layout (plain HDF5, readable with h5ls/h5dump/h5py, nothing in it executes)::
     userblock (512 bytes)  text: format, format_version, kind, size, sha256 of the rest
     /                      attrs: format, format_version, kind (checkpoint|model),
                                   dptrain_version, created, world_size, dtype, num_params,
-                                  architecture (JSON text), config (JSON text)
+                                  architecture (JSON text), config (JSON text),
+                                  data (JSON text, optional: normalisation statistics,
+                                  augmentation, dataset fingerprint)
     /params/<layer>/<name>          trainable parameters, real shapes
     /state/<layer>/<name>           model state (BatchNorm running statistics)
     /optimizer                      attrs: name, step_count   (checkpoints only)
@@ -105,6 +107,8 @@ class Checkpoint:
     rng: dict[str, Any] = field(default_factory=dict)
     epoch_order: np.ndarray | None = None
     datasets: int = 0           # datasets read, each verified by its fletcher32 checksum
+    #: the run's record of its data ({} in files written without one)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def _h5py() -> Any:
@@ -207,7 +211,8 @@ def capture(kind: str, model: Any, params: np.ndarray, state: np.ndarray, *,
             config: dict[str, Any], world_size: int = 1, optimizer: Any = None,
             opt_state: dict[str, np.ndarray] | None = None,
             trainer: TrainerState | None = None, seed: int = 0,
-            epoch_order: np.ndarray | None = None) -> Checkpoint:
+            epoch_order: np.ndarray | None = None,
+            data: dict[str, Any] | None = None) -> Checkpoint:
     """A Checkpoint of ``model``'s layout from flat host arrays (views, not copies).
 
     ``epoch_order`` is the current epoch's sample order (the sampler's state, stored so
@@ -220,7 +225,8 @@ def capture(kind: str, model: Any, params: np.ndarray, state: np.ndarray, *,
         optimizer_name=getattr(optimizer, "name", "") if optimizer is not None else "",
         optimizer_step=int(getattr(optimizer, "step_count", 0)) if optimizer is not None else 0,
         optimizer_state={k: _split(model, v, "params") for k, v in (opt_state or {}).items()},
-        trainer=trainer or TrainerState(), seed=seed, epoch_order=epoch_order)
+        trainer=trainer or TrainerState(), seed=seed, epoch_order=epoch_order,
+        data=dict(data or {}))
 
 
 def _build_image(ck: Checkpoint, meta: dict[str, Any]) -> bytes:
@@ -281,6 +287,8 @@ def write_file(path: str | Path, ck: Checkpoint, hooks: Hooks | None = None) -> 
             "num_params": int(sum(a.size for a in ck.params.values())),
             "architecture": json.dumps(arch, sort_keys=True),
             "config": json.dumps(ck.config, sort_keys=True)}
+    if ck.data:
+        meta["data"] = json.dumps(ck.data, sort_keys=True)
     image = memoryview(_build_image(ck, meta))
     head = _header(ck.kind, USERBLOCK + len(image), hashlib.sha256(image).hexdigest())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -371,8 +379,8 @@ def _read_open(f: Any, path: Path) -> Checkpoint:
     ck = Checkpoint(
         kind=str(a.get("kind", "checkpoint")),
         meta={k: (v.item() if hasattr(v, "item") else v) for k, v in a.items()
-              if k not in ("architecture", "config")},
-        architecture=architecture, config=config,
+              if k not in ("architecture", "config", "data")},
+        architecture=architecture, config=config, data=_data_record(a, path),
         params=_read_group(_group(f, "params", path), path, n),
         state=_read_group(_group(f, "state", path), path, n))
     if ck.kind not in KINDS:
@@ -401,6 +409,19 @@ def _read_open(f: Any, path: Path) -> Checkpoint:
             n[0] += 1
     ck.datasets = n[0]
     return ck
+
+
+def _data_record(attrs: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``data`` attribute (a JSON object); {} in files written without it."""
+    if "data" not in attrs:
+        return {}
+    try:
+        data = json.loads(attrs["data"])
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"checkpoint {path}: its data attribute is not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"checkpoint {path}: its data attribute is not a JSON object")
+    return data
 
 
 def check_consistent(ck: Checkpoint, path: str | Path) -> None:

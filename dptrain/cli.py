@@ -133,9 +133,9 @@ def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
     from . import checkpoint as ckpt  # noqa: PLC0415
     from .backend import select_backend  # noqa: PLC0415
     from .config import config_from_dict  # noqa: PLC0415
-    from .data import load_from_config, validate_for_model  # noqa: PLC0415
     from .nn import Sequential, get_loss  # noqa: PLC0415
     from .training import evaluate_model  # noqa: PLC0415
+    from .training.inputs import eval_source  # noqa: PLC0415
 
     path = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "model.h5"
     if args.batch_size <= 0:
@@ -149,16 +149,16 @@ def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
     cfg = config_from_dict(ck.config)
     if args.dataset:
         cfg = cfg.replace(dataset=args.dataset)
-    data = load_from_config(cfg.data, dtype=model.dtype.name, seed=cfg.run.seed)
-    validate_for_model(data, model.input_shape, model.output_shape[0], cfg.model.loss)
-    ds = data.test if args.split == "test" else data.train
-    if ds is None or len(ds) == 0:
-        raise UserError(f"dataset {data.name} has no {args.split} split")
-    res = evaluate_model(model, get_loss(cfg.model.loss), ds, comm, backend.xp,
-                         args.batch_size)
+    # decoded and normalised as in training (the statistics come from the file)
+    source, name = eval_source(cfg, ck.data, args.split, model, -(-args.batch_size // comm.size))
+    try:
+        res = evaluate_model(model, get_loss(cfg.model.loss), source, comm, backend.xp,
+                             args.batch_size)
+    finally:
+        source.close()
     if comm.rank == 0:
         print(f"{path}: {args.split} loss {res['loss']:.4f} accuracy {res['accuracy']:.4f} "
-              f"({res['samples']} samples, {data.name})")
+              f"({res['samples']} samples, {name})")
     return 0
 
 

@@ -17,7 +17,7 @@ from .errors import UserError
 
 LOCK_NAME = ".lock"
 #: files of a run that a new run (one that does not resume) moves to previous/<time>/
-ARCHIVED = ("checkpoints", "model.h5", "metrics.jsonl", "config.json")
+ARCHIVED = ("checkpoints", "model.h5", "metrics.jsonl", "config.json", "data.json")
 
 
 def _pid_alive(pid: int) -> bool:

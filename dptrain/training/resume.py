@@ -9,7 +9,7 @@ beside the new one (``config.step-N.json``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +29,9 @@ TRAJECTORY = ("model", "layers", "dtype", "loss", "dataset", "synthetic_shape",
               "synthetic_classes", "synthetic_samples", "batch_size", "batch_per_rank",
               "accum_steps", "lr_schedule", "warmup_steps", "lr_step_size", "lr_gamma",
               "min_lr", "optimizer", "lr", "momentum", "nesterov", "beta1", "beta2", "eps",
-              "weight_decay", "decay_bias_norm", "clip_norm", "seed")
+              "weight_decay", "decay_bias_norm", "clip_norm", "seed", "augment_crop",
+              "augment_flip", "augment_erase", "augment_erase_area", "augment_erase_ratio",
+              "normalize")
 
 
 @dataclass
@@ -39,6 +41,8 @@ class Resume:
     path: Path | None
     state: ckpt.TrainerState | None
     message: str
+    #: the checkpoint's record of its data (normalisation, fingerprint); {} when older
+    data: dict = field(default_factory=dict)
 
 
 def load_resume(trainer: Trainer) -> Resume | None:
@@ -65,11 +69,14 @@ def load_resume(trainer: Trainer) -> Resume | None:
                         f"the config asks for {cfg.optim.optimizer}")
     _check_epoch_order(trainer, ck, path)
     changed = _changed_options(trainer, ck, path)
+    # a dataset file that changed under the run is named here, before anything is written
+    data_note = trainer.data.check_resume(ck.data, path, cfg.checkpoint.allow_config_change)
     _load(trainer, ck, path)
     return Resume(path, ck.trainer,
                   f"resumed from {path} (epoch {ck.trainer.epoch + 1}, step "
                   f"{ck.trainer.global_step}, saved by {ck.meta.get('world_size')} rank(s))"
-                  + (f"; options changed: {', '.join(changed)}" if changed else ""))
+                  + (f"; options changed: {', '.join(changed)}" if changed else "")
+                  + (f"\n{data_note}" if data_note else ""), ck.data)
 
 
 def _changed_options(trainer: Trainer, ck: ckpt.Checkpoint, path: Path) -> list[str]:

@@ -24,6 +24,7 @@ class RunLog(Extension):
                     f"{step.accum_steps} micro-batches), {len(trainer.data.train)} training "
                     f"samples, {plan.steps_per_epoch} steps/epoch, device "
                     f"{trainer.backend.name}, {trainer.placement.description}")
+        trainer.say(trainer.data.describe())
         if trainer.backend.is_gpu:
             trainer.say(f"GPU: rank 0 on {trainer.backend.describe()}; gradients "
                         f"{getattr(trainer.comm, 'transport', 'not communicated (one rank)')}")
