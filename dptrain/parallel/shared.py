@@ -208,9 +208,9 @@ class NodeArrays:
 
     @staticmethod
     def applies(comm: Communicator) -> bool:
-        """Where sharing saves memory: MPI with several ranks on this node (agreed: the
-        same answer on every rank of a node)."""
-        return isinstance(comm, MPIComm) and comm.local_size > 1
+        """MPI with more than one rank: the same answer on every rank, as the collective
+        allocation needs (a node with one rank holds a window of its own)."""
+        return isinstance(comm, MPIComm) and comm.size > 1
 
     def alloc(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An array of ``shape`` that every rank of the node sees (contents undefined)."""

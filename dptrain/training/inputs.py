@@ -226,12 +226,15 @@ def _hold(cfg: Config, found: FoundData, comm: Communicator, lines: list[str]) -
         lines.append(f"data: {found.name} in memory (loader {want}: the data is not an HDF5 "
                      "file, it is loaded whole)")
         return found, "memory"
+    # every decision below is the same on every rank: the collectives depend on it
     shared = False
     short = ""
     if want != "stream" and NodeArrays.applies(comm):
         short = shm_shortfall(comm, found.nbytes)
         shared = not short
-    copies = 1 if shared else comm.local_size
+    most_here = int(comm.allreduce_scalars([comm.local_size], "max")[0]) if comm.size > 1 \
+        else 1
+    copies = 1 if shared else most_here
     mode, why = want, f"loader {want}"
     if want == "auto":
         avail, where = _min_available(comm)

@@ -2,7 +2,8 @@
 
 Every check happens here, before the run directory is touched: the file verifies, the
 model matches it, the optimizer is the one that wrote it, the training set has its size,
-and no option that changes the trajectory differs from the run that wrote it (unless
+no option that changes the trajectory differs from the run that wrote it, and the dataset
+files are the ones it was trained on (their fingerprint; both unless
 ``allow_config_change``). A resumed run with other options keeps the earlier config.json
 beside the new one (``config.step-N.json``).
 """
