@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from conftest import run_dptrain
@@ -143,3 +144,26 @@ def test_debug_gradient_check_runs_on_normalised_inputs(tmp_path, images):
     assert "debug: gradient check on 4 samples" in proc.stdout and "(ok:" in proc.stdout
     rec = json.loads((tmp_path / "run" / "data.json").read_text())
     assert rec["augment"]["flip"] is True and len(rec["normalize"]["mean"]) == 2
+
+
+def test_normalised_batches_wait_for_the_settled_statistics(tmp_path, images):
+    """Before prepare() the statistics are not known: a step refuses instead of training
+    on unnormalised inputs; after it, batches are (x / 255 - mean) / std."""
+    t = build_trainer(cfg(tmp_path, images, normalize="channel", prefetch="off"))
+    sampler = t.plan.sampler
+    batch = Batch(0, 0, 1, sampler.batch(0, 0), sampler.batch(0, 1), False)
+    with pytest.raises(RuntimeError, match="call trainer.prepare"):
+        t.step(batch, 1e-3)
+    t.data.settle(t.comm, None)
+    with h5py.File(images, "r") as f:
+        raw = f["train/x"][()]
+    x = raw.astype(np.float64) / 255
+    mean, std = x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2))
+    np.testing.assert_allclose(t.data.stats.mean, mean, rtol=1e-12)
+    np.testing.assert_allclose(t.data.stats.std, std, rtol=1e-12)
+    rows = sampler.batch(0, 0)
+    got, _ = t.step.source.get(rows, 0)
+    f32 = np.float32
+    want = (raw[rows].astype(f32) / f32(255) - mean.astype(f32)) / std.astype(f32)
+    np.testing.assert_array_equal(got, want)
+    t.close()

@@ -68,6 +68,17 @@ def check_augment(cfg: Config, found: FoundData) -> None:
                         f"samples of shape {found.train.sample_shape}")
 
 
+class PendingStats:
+    """Stands for statistics that ``settle`` has not computed yet: a batch normalised
+    before ``Trainer.prepare()`` (or ``run()``) would be normalised wrongly, so it raises."""
+
+    def _refuse(self, *args: object) -> Any:
+        raise RuntimeError("normalisation statistics are not settled yet: call "
+                           "trainer.prepare() (trainer.run() does) before the first step")
+
+    apply = to_dict = _refuse
+
+
 class TrainingInputs:
     """The data side of a trainer (``trainer.data``)."""
 
@@ -283,6 +294,8 @@ def open_inputs(cfg: Config, found: FoundData, comm: Communicator, backend: Any,
             lines.append(f"note: {warn}")
     spec = augment_spec(cfg)
     transform = BatchTransform(cfg.model.dtype, spec, None, cfg.run.seed)
+    if cfg.data.normalize == "channel":
+        transform.stats = PendingStats()  # type: ignore[assignment]
     rows = -(-micro_batch // comm.size)
     train = found.train
     if prefetch == "process":
