@@ -373,19 +373,22 @@ def bench_train_speed(a: argparse.Namespace) -> None:
         t.data.settle(comm, None)
     times: dict[str, list[float]] = {k: [] for k in trainers}
     waits: dict[str, list[float]] = {k: [] for k in trainers}
+    cpu: dict[str, list[float]] = {k: [] for k in trainers}
     step = 0
     for pair in range(a.pairs + 1):
         order = list(trainers) if pair % 2 == 0 else list(trainers)[::-1]
         for name in order:
             src = trainers[name].step.source
-            w0 = src.total_wait_seconds
+            w0, c0 = src.total_wait_seconds, time.process_time()
             dt = _steps(trainers[name], step, a.block)
             if pair:  # the first pair warms up
                 times[name].append(dt)
                 waits[name].append((src.total_wait_seconds - w0) / a.block)
+                cpu[name].append((time.process_time() - c0) / a.block)
         step += a.block
     ratios = [m / s for m, s in zip(times["memory"], times["stream"], strict=True)]
     rate = {k: a.batch * a.block * len(v) / sum(v) for k, v in times.items()}
+    quart = np.percentile(ratios, [25, 75])
     if comm.rank == 0:
         emit({"bench": "train-speed", "data": what, "model": a.model, "batch": a.batch,
               "augment": a.augment, "block": a.block, "pairs": a.pairs,
@@ -393,15 +396,23 @@ def bench_train_speed(a: argparse.Namespace) -> None:
               "ratio_per_pair": [round(r, 4) for r in ratios],
               "ratio_median": round(float(np.median(ratios)), 4),
               "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
+              "ratio_quartiles": [round(float(q), 4) for q in quart],
+              "ratio_of_totals": round(rate["stream"] / rate["memory"], 4),
               "data_wait_ms": {k: round(1e3 * float(np.mean(v)), 3)
-                               for k, v in waits.items()}})
+                               for k, v in waits.items()},
+              "cpu_ms_per_step": {k: round(1e3 * float(np.mean(v)), 2)
+                                  for k, v in cpu.items()},
+              "load_average": [round(v, 2) for v in os.getloadavg()]})
         print(f"train-speed ({what}, {a.model}, batch {a.batch}, augment "
               f"{'on' if a.augment else 'off'}): stream/memory samples/s {np.median(ratios):.3f}"
-              f" (median of {len(ratios)} pairs of {a.block} steps; {min(ratios):.3f} to "
-              f"{max(ratios):.3f}); memory {rate['memory']:,.0f}/s, stream "
+              f" (median of {len(ratios)} pairs of {a.block} steps; quartiles {quart[0]:.3f}, "
+              f"{quart[1]:.3f}; range {min(ratios):.3f} to {max(ratios):.3f}; of the totals "
+              f"{rate['stream'] / rate['memory']:.3f}); memory {rate['memory']:,.0f}/s, stream "
               f"{rate['stream']:,.0f}/s; data wait per step memory "
               f"{1e3 * np.mean(waits['memory']):.2f} ms, stream "
-              f"{1e3 * np.mean(waits['stream']):.2f} ms")
+              f"{1e3 * np.mean(waits['stream']):.2f} ms; CPU per step memory "
+              f"{1e3 * np.mean(cpu['memory']):.1f} ms, stream {1e3 * np.mean(cpu['stream']):.1f}"
+              f" ms; load average {os.getloadavg()[0]:.1f}")
     for t in trainers.values():
         t.close()
 
