@@ -5,7 +5,9 @@ Layout (plain HDF5, readable with h5ls/h5dump/h5py, nothing in it executes)::
     userblock (512 bytes)  text: format, format_version, kind, size, sha256 of the rest
     /                      attrs: format, format_version, kind (checkpoint|model),
                                   dptrain_version, created, world_size, dtype, num_params,
-                                  architecture (JSON text), config (JSON text)
+                                  architecture (JSON text), config (JSON text),
+                                  data (JSON text, optional: normalisation statistics,
+                                  augmentation, dataset fingerprint)
     /params/<layer>/<name>          trainable parameters, real shapes
     /state/<layer>/<name>           model state (BatchNorm running statistics)
     /optimizer                      attrs: name, step_count   (checkpoints only)
@@ -105,6 +107,8 @@ class Checkpoint:
     rng: dict[str, Any] = field(default_factory=dict)
     epoch_order: np.ndarray | None = None
     datasets: int = 0           # datasets read, each verified by its fletcher32 checksum
+    #: the run's record of its data ({} in files written without one)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def _h5py() -> Any:
@@ -194,7 +198,8 @@ def capture(kind: str, model: Any, params: np.ndarray, state: np.ndarray, *,
             config: dict[str, Any], world_size: int = 1, optimizer: Any = None,
             opt_state: dict[str, np.ndarray] | None = None,
             trainer: TrainerState | None = None, seed: int = 0,
-            epoch_order: np.ndarray | None = None) -> Checkpoint:
+            epoch_order: np.ndarray | None = None,
+            data: dict[str, Any] | None = None) -> Checkpoint:
     """A Checkpoint of ``model``'s layout from flat host arrays (views, not copies).
 
     ``epoch_order`` is the current epoch's sample order (the sampler's state, stored so
@@ -207,7 +212,8 @@ def capture(kind: str, model: Any, params: np.ndarray, state: np.ndarray, *,
         optimizer_name=getattr(optimizer, "name", "") if optimizer is not None else "",
         optimizer_step=int(getattr(optimizer, "step_count", 0)) if optimizer is not None else 0,
         optimizer_state={k: _split(model, v, "params") for k, v in (opt_state or {}).items()},
-        trainer=trainer or TrainerState(), seed=seed, epoch_order=epoch_order)
+        trainer=trainer or TrainerState(), seed=seed, epoch_order=epoch_order,
+        data=dict(data or {}))
 
 
 def _build_image(ck: Checkpoint, meta: dict[str, Any]) -> bytes:
@@ -268,6 +274,8 @@ def write_file(path: str | Path, ck: Checkpoint, hooks: Hooks | None = None) -> 
             "num_params": int(sum(a.size for a in ck.params.values())),
             "architecture": json.dumps(arch, sort_keys=True),
             "config": json.dumps(ck.config, sort_keys=True)}
+    if ck.data:
+        meta["data"] = json.dumps(ck.data, sort_keys=True)
     image = memoryview(_build_image(ck, meta))
     head = _header(ck.kind, USERBLOCK + len(image), hashlib.sha256(image).hexdigest())
     half = len(image) // 2
@@ -285,9 +293,9 @@ def write_file(path: str | Path, ck: Checkpoint, hooks: Hooks | None = None) -> 
 
 # -- reading ---------------------------------------------------------------------------
 #: what a reader needs of the root attributes: text, or integers (>= 0)
-#: ``normalization`` (optional): JSON text of the per-channel statistics the inputs were
-#: normalised with in training (data.ChannelStats.to_dict()), applied by inference
-META_TEXT = ("format", "kind", "dtype", "dptrain_version", "created", "normalization")
+#: (``data``, optional, is JSON text: the normalisation statistics inference applies, the
+#: augmentation and the dataset's fingerprint; read by _data_record)
+META_TEXT = ("format", "kind", "dtype", "dptrain_version", "created")
 META_INT = ("format_version", "world_size", "num_params")
 
 
@@ -356,6 +364,7 @@ def _read_open(f: Any, path: Path) -> Checkpoint:
     n = [0]
     reader = _ArrayReader(groups, datasets, model, where, n)
     ck = Checkpoint(kind=meta["kind"], meta=meta, architecture=architecture, config=config,
+                    data=_data_record(f, where),
                     params=reader.read("params", model.param_slots),
                     state=reader.read("state", model.state_slots))
     if ck.kind == "checkpoint":
@@ -402,12 +411,19 @@ def _read_training(ck: Checkpoint, groups: Any, datasets: Any, reader: Any, mode
         ck.epoch_order = reader.load(ds)
 
 
+def _data_record(f: Any, where: str) -> dict[str, Any]:
+    """The ``data`` attribute (a JSON object); {} in files written without it."""
+    if "data" not in f.attrs:
+        return {}
+    return _json_attr(f, "data", where)
+
+
 def _json_attr(f: Any, key: str, where: str) -> dict[str, Any]:
     text = h5checks.attr_text(f, key, where)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{where}: architecture or config is not JSON ({e})") from None
+        raise UserError(f"{where}: its {key} attribute is not JSON ({e})") from None
     if not isinstance(value, dict):
         raise UserError(f"{where}: the {key} attribute must be a JSON object, not "
                         f"{type(value).__name__}")

@@ -138,9 +138,9 @@ def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
     from .backend import select_backend  # noqa: PLC0415
     from .commands.eval_report import check_png_path, draw_confusion, report_lines  # noqa
     from .config import config_from_dict  # noqa: PLC0415
-    from .data import load_from_config, validate_for_model  # noqa: PLC0415
     from .nn import Sequential, get_loss  # noqa: PLC0415
     from .training import evaluate_model  # noqa: PLC0415
+    from .training.inputs import eval_source  # noqa: PLC0415
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, not {args.batch_size}")
@@ -157,22 +157,22 @@ def cmd_eval(args: argparse.Namespace, run: _Run) -> int:
     cfg = config_from_dict(ck.config)
     if args.dataset:
         cfg = cfg.replace(dataset=args.dataset)
-    data = load_from_config(cfg.data, dtype=model.dtype.name, seed=cfg.run.seed)
-    validate_for_model(data, model.input_shape, model.output_shape[0], cfg.model.loss)
-    ds = data.test if args.split == "test" else data.train
-    if ds is None or len(ds) == 0:
-        raise UserError(f"dataset {data.name} has no {args.split} split")
+    # decoded and normalised as in training (the statistics come from the file)
+    source, name = eval_source(cfg, ck.data, args.split, model, -(-args.batch_size // comm.size))
     # classes: labels, or the targets of a cross-entropy (a regression has no classes)
     classes = len(model.output_shape) == 1 and model.output_shape[0] > 1 and (
-        ds.has_labels or cfg.model.loss != "mse")
-    res = evaluate_model(model, get_loss(cfg.model.loss), ds, comm, backend.xp,
-                         args.batch_size, confusion=classes)
+        source.y.ndim == 1 or cfg.model.loss != "mse")
+    try:
+        res = evaluate_model(model, get_loss(cfg.model.loss), source, comm, backend.xp,
+                             args.batch_size, confusion=classes)
+    finally:
+        source.close()
     if comm.rank == 0:
         head = f"{path}: {args.split}"
-        print("\n".join(report_lines(res, head, data.name)))
+        print("\n".join(report_lines(res, head, name)))
         if args.confusion_png and classes:
             draw_confusion(res["confusion"], args.confusion_png,
-                           f"{head} ({res['samples']} samples, {data.name})")
+                           f"{head} ({res['samples']} samples, {name})")
             print(f"confusion matrix drawn in {args.confusion_png}")
         elif args.confusion_png:
             print(f"note: {path} is a regression model: no confusion matrix to draw")

@@ -125,6 +125,34 @@ class DataConfig:
     synthetic_classes: int = opt(10, "classes of the synthetic dataset", range=Range(2, 10**6))
     synthetic_samples: int = opt(2048, "samples (train + test) of the synthetic dataset",
                                  range=Range(2, 10**9))
+    data_dir: str = opt("", "directory of the IDX files of fashion_mnist, mnist or kmnist",
+                        default_text="the system's, e.g. /usr/share/datasets/fashion-mnist")
+    cache_dir: str = opt("", "where IDX datasets are converted to HDF5 once",
+                         default_text="$DPTRAIN_CACHE_DIR, else $XDG_CACHE_HOME/dptrain, else "
+                                      "~/.cache/dptrain")
+    loader: str = opt("auto", "memory (the split in RAM, one copy per node), stream (each "
+                              "rank reads its rows of each batch from the HDF5 file), or auto "
+                              "(memory when the node's copies take at most half the available "
+                              "memory; the start line says which and why)",
+                      choices=("auto", "memory", "stream"))
+    prefetch: str = opt("auto", "prepare the next batch while the step computes: in a "
+                                "thread, in a worker process (streamed data), or off; auto: a "
+                                "process when streamed rows need HDF5 decoding (compressed or "
+                                "checksummed), else a thread",
+                        choices=("auto", "thread", "process", "off"))
+    augment_crop: int = opt(0, "random crop: pad images with this many zero pixels per side, "
+                               "cut a window of the original size (0 = off)",
+                            range=Range(0, 4096))
+    augment_flip: bool = opt(False, "random horizontal flip (probability 1/2)")
+    augment_erase: float = opt(0.0, "random erasing (cutout): probability that an image gets "
+                                    "one erased rectangle (0 = off)", range=Range(0, 1))
+    augment_erase_area: tuple = opt((0.02, 0.33), "erased area as a fraction of the image: "
+                                                  "low,high in (0, 1]")
+    augment_erase_ratio: tuple = opt((0.3, 3.3), "aspect ratio (height/width) of the erased "
+                                                 "rectangle: low,high (log-uniform)")
+    normalize: str = opt("none", "per-channel normalisation: channel ((x - mean) / std with "
+                                 "statistics of the training split, computed once per run and "
+                                 "stored with it) or none", choices=("none", "channel"))
 
 
 @dataclass(frozen=True)
@@ -504,6 +532,8 @@ def validate(cfg: Config) -> None:
                                    and 0 < d <= 65536 for d in shape)):
         raise UserError(f"synthetic_shape must be 1 to 65536 in each dimension, not "
                         f"{list(shape)}")
+    _check_pair(cfg.data.augment_erase_area, "augment_erase_area", high=1.0)
+    _check_pair(cfg.data.augment_erase_ratio, "augment_erase_ratio")
     if o.nesterov and not o.momentum:
         raise UserError("nesterov needs momentum > 0")
     if s.lr_schedule in ("cosine", "plateau") and s.min_lr > o.lr:
@@ -511,6 +541,17 @@ def validate(cfg: Config) -> None:
     if not cfg.run.run_dir.strip():
         raise UserError("run_dir must not be empty")
     parse_checkpoint_every(cfg.checkpoint.checkpoint_every)
+
+
+def _check_pair(pair: tuple, name: str, high: float | None = None) -> None:
+    """A (low, high) range option: two finite numbers, 0 < low <= high (<= ``high``)."""
+    ok = (len(pair) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 and math.isfinite(v) for v in pair)
+          and 0 < pair[0] <= pair[1] and (high is None or pair[1] <= high))
+    if not ok:
+        bound = f" <= {_num(high)}" if high is not None else ""
+        raise UserError(f"{name} must be two numbers low,high with 0 < low <= high{bound}, "
+                        f"not {list(pair)}")
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

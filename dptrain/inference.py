@@ -16,7 +16,6 @@ or was trained on probabilities); a regression model (loss ``mse``) returns its 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,24 +29,18 @@ from .data.normalize import ChannelStats, decode
 from .errors import UserError
 from .nn import Context, Sequential
 
-#: the root attribute of a model or checkpoint file that holds the per-channel statistics
-#: the training inputs were normalised with: JSON text of ``ChannelStats.to_dict()``
-NORMALIZATION_ATTR = "normalization"
 #: what ``predict`` returns: class probabilities, or the model's values
 KINDS = ("probabilities", "values")
 
 
 def stored_normalization(ck: ckpt.Checkpoint, path: str | Path = "") -> ChannelStats | None:
-    """The normalisation a model file records (None: its inputs were not normalised)."""
-    raw = ck.meta.get(NORMALIZATION_ATTR)
-    if raw is None:
+    """The normalisation a model file records in its data record (None: its inputs were
+    not normalised)."""
+    record = ck.data.get("normalize")
+    if record is None:
         return None
-    try:
-        record = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
-    except ValueError:
-        raise UserError(f"{path}: its {NORMALIZATION_ATTR} attribute is not JSON") from None
     if not isinstance(record, dict):
-        raise UserError(f"{path}: its {NORMALIZATION_ATTR} attribute is not a record")
+        raise UserError(f"{path}: the normalize entry of its data attribute is not a record")
     return ChannelStats.from_dict(record)
 
 

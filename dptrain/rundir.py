@@ -23,8 +23,8 @@ from .runlock import LOCK_NAME, RunLock
 __all__ = ["ARCHIVED", "LOCK_NAME", "RunDir"]
 
 #: files of a run that a new run (one that does not resume) moves to previous/<time>/
-ARCHIVED = ("checkpoints", "model.h5", "metrics.jsonl", "config.json", "metrics.csv",
-            "tensorboard")
+ARCHIVED = ("checkpoints", "model.h5", "metrics.jsonl", "config.json", "data.json",
+            "metrics.csv", "tensorboard")
 METRICS = "metrics.jsonl"
 
 

@@ -37,7 +37,15 @@ from dptrain.backend import (
     slurm_tasks_on_node,
 )
 from dptrain.config import make_config
-from dptrain.data import GlobalSampler, load_dataset, shard
+from dptrain.data import (
+    AugmentSpec,
+    BatchTransform,
+    GlobalSampler,
+    load_dataset,
+    memory_source,
+    shard,
+)
+from dptrain.data.upload import DeviceBatches
 from dptrain.errors import UserError
 from dptrain.nn import Context, Sequential, get_loss, layer_from_spec
 from dptrain.optim import clip_grad_norm, make_optimizer
@@ -47,7 +55,6 @@ from dptrain.parallel.device import DeviceComm, mpi_takes_device_buffers
 from dptrain.parallel.nccl import decode_unique_id, encode_unique_id
 from dptrain.parallel.sync import GradSync
 from dptrain.training import Batch, EpochMeter, build_trainer
-from dptrain.upload import BatchUploader
 
 GPU = Backend(sx, "gpu", 0)
 
@@ -213,52 +220,76 @@ def test_optimizers_and_clipping_on_the_stand_in_match_numpy(sxp, name, kw):
 
 
 # -- batch assembly -----------------------------------------------------------------------------
-def test_batch_uploader_on_gpu_overlaps_and_never_mixes_up_batches(sxp):
+def _uploader(backend, x, y, max_rows, **kw):
+    """Batches of the in-memory arrays on ``backend``, as a GPU run's step gets them."""
+    host = memory_source(x, y, BatchTransform(x.dtype), max_rows, background=False)
+    return DeviceBatches(backend, host, max_rows, **kw)
+
+
+def test_device_batches_overlap_and_never_mix_up_batches(sxp):
     data = load_dataset("digits", dtype="float32")
     x, y = data.train.x, data.train.y
     sampler = GlobalSampler(len(x), 40, seed=5)
-    up = BatchUploader(GPU, x, y, max_rows=20)
+    up = _uploader(GPU, x, y, max_rows=20)
     compute = sx.cuda.get_current_stream()
     batches = [shard(sampler.batch(0, i), 1, 2) for i in range(36)]  # rank 1 of 2
     for i, rows in enumerate(batches):
-        bx, by = up.get(rows)
+        bx, by = up.get(rows, 0)
         total = float((bx * 2).sum())                  # some "compute" reading the slot
         np.testing.assert_array_equal(host(bx), x[rows])
         np.testing.assert_array_equal(host(by), y[rows])
         np.testing.assert_array_equal(host(up.device_rows), rows)
         assert total == pytest.approx(2 * float(x[rows].sum(dtype=np.float64)), rel=1e-5)
-        if i % 5 != 4:                                 # sometimes no (or a wrong) prefetch
-            up.prefetch(batches[i + 1] if i + 1 < len(batches) else None)
+        if i % 5 != 4 and i + 1 < len(batches):        # sometimes no (or a wrong) prefetch
+            up.prefetch(batches[i + 1], 0)
         elif i % 10 == 9:
-            up.prefetch(batches[0])
-    assert up.get(np.array([], np.int64))[0].shape == (0, *x.shape[1:])
+            up.prefetch(batches[0], 0)
+        elif i % 10 == 4 and i + 1 < len(batches):     # the right rows of another epoch
+            up.prefetch(batches[i + 1], 1)
+    assert up.get(np.array([], np.int64), 0)[0].shape == (0, *x.shape[1:])
     big = np.arange(50)                                # more rows than announced: grows
-    np.testing.assert_array_equal(host(up.get(big)[0]), x[big])
+    np.testing.assert_array_equal(host(up.get(big, 0)[0]), x[big])
     assert sx.stats["pageable_async"] == 0             # every async upload is from pinned
     assert compute is sx.cuda.get_current_stream()
 
 
-def test_batch_uploader_without_its_event_wait_is_caught(sxp, monkeypatch):
+def test_device_batches_carry_the_epochs_augmentation(sxp):
+    """The device gets what the host source makes for (rows, epoch): augmented per epoch."""
+    data = load_dataset("digits", dtype="float32")
+    x, y = data.train.x, data.train.y
+    t = BatchTransform("float32", AugmentSpec(crop_padding=2, flip=True), None, seed=3)
+    up = DeviceBatches(GPU, memory_source(x, y, t, 16, background=False), 16)
+    rows = np.arange(10, 26)
+    for epoch in (0, 1, 0):
+        up.prefetch(rows, epoch)
+        bx, _ = up.get(rows, epoch)
+        np.testing.assert_array_equal(host(bx), t(x[rows], rows, epoch))
+    assert not np.array_equal(t(x[rows], rows, 0), t(x[rows], rows, 1))
+
+
+def test_device_batches_without_their_event_wait_are_caught(sxp, monkeypatch):
     """Negative control: drop the compute stream's wait for the upload; the stand-in sees it."""
     data = load_dataset("digits", dtype="float32")
-    up = BatchUploader(GPU, data.train.x, data.train.y, max_rows=8)
+    up = _uploader(GPU, data.train.x, data.train.y, max_rows=8)
     monkeypatch.setattr(sx.Stream, "wait_event", lambda self, ev: None)
-    bx, _ = up.get(np.arange(8))
+    bx, _ = up.get(np.arange(8), 0)
     with pytest.raises(RuntimeError, match="still queued"):
         bx * 2
 
 
-def test_batch_uploader_on_cpu_is_a_take_into_one_buffer():
+def test_cpu_batches_are_a_take_into_two_alternating_buffers():
     data = load_dataset("digits", dtype="float64")
-    up = BatchUploader(backend_mod.CPU, data.train.x, data.train.y, max_rows=30)
-    a, _ = up.get(np.arange(30))
+    src = memory_source(data.train.x, data.train.y, BatchTransform("float64"), 30)
+    a, _ = src.get(np.arange(30), 0)
     first = a.copy()
-    b, yb = up.get(np.arange(30, 60))
-    assert np.shares_memory(a, b)                     # no allocation per step
+    b, yb = src.get(np.arange(30, 60), 0)
+    c, _ = src.get(np.arange(60, 90), 0)
+    assert np.shares_memory(a, c) and not np.shares_memory(a, b)  # no allocation per step
     np.testing.assert_array_equal(b, data.train.x[30:60])
     np.testing.assert_array_equal(yb, data.train.y[30:60])
     np.testing.assert_array_equal(first, data.train.x[:30])
-    assert not up.asynchronous and up.device_rows is None
+    assert src.device_rows is None
+    src.close()
 
 
 # -- gradient sync of device buffers -----------------------------------------------------------

@@ -84,7 +84,7 @@ def test_choose_memory_or_stream():
     gib = 2**30
     c = choose_loader(1 * gib, copies=1, available=8 * gib, where="MemAvailable")
     assert c.mode == "memory"
-    assert c.reason == ("loader auto -> memory: the training split needs 1,024 MiB, 12% of "
+    assert c.reason == ("loader auto -> memory: the data needs 1,024 MiB, 12% of "
                         "8,192 MiB available (MemAvailable), within the 50% limit")
     c = choose_loader(1 * gib, copies=8, available=8 * gib, where="MemAvailable")
     assert c.mode == "stream" and "x 8 copies" in c.reason and "over the 50% limit" in c.reason

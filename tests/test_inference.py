@@ -107,7 +107,7 @@ def _with_normalization(src, dst, mean, std):
     normalisation writes it), resealed."""
     dst.write_bytes(src.read_bytes())
     with h5py.File(dst, "r+") as f:
-        f.attrs["normalization"] = json.dumps({"mean": mean, "std": std, "count": 1437})
+        f.attrs["data"] = json.dumps({"normalize": {"mean": mean, "std": std, "count": 1437}})
     ckpt.seal(dst, "model")
 
 

@@ -81,20 +81,24 @@ def summary_lines(model: Any, batch_per_rank: int, optimizer_slots: int,
 
 def cmd_summary(args: argparse.Namespace, run: Any) -> int:
     from ..cli import config_from_args  # noqa: PLC0415
-    from ..data import load_from_config  # noqa: PLC0415
+    from ..data.stored import find_data  # noqa: PLC0415
     from ..optim import make_optimizer  # noqa: PLC0415
     from ..training.assembly import build_model, num_outputs  # noqa: PLC0415
 
     if args.ranks <= 0:
         raise UserError(f"--ranks must be positive, not {args.ranks}")
     cfg = config_from_args(args)
-    data = load_from_config(cfg.data, dtype=cfg.model.dtype, seed=cfg.run.seed)
-    model = build_model(cfg, data.train.sample_shape, num_outputs(data), np)
+    data = find_data(cfg.data, dtype=cfg.model.dtype, seed=cfg.run.seed)  # nothing read
+    try:
+        model = build_model(cfg, data.train.sample_shape, num_outputs(data), np)
+        name, samples = data.name, len(data.train)
+    finally:
+        data.close()
     op = cfg.optim
     optimizer = make_optimizer(op.optimizer, model.params, model.grads, np,
                                momentum=op.momentum, nesterov=op.nesterov)
     batch = -(-cfg.schedule.global_batch(args.ranks) // args.ranks)
-    print(f"model for {data.name} ({len(data.train)} training samples); batch {batch} per "
+    print(f"model for {name} ({samples} training samples); batch {batch} per "
           f"rank on {args.ranks} rank(s); optimizer {op.optimizer}")
     for line in summary_lines(model, batch, len(optimizer.state), args.full):
         print(line)

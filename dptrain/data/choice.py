@@ -27,6 +27,8 @@ class LoaderChoice:
 
 
 def _mib(n: float) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:,.0f} KiB"
     return f"{n / 2**20:,.0f} MiB" if n < 10 * 2**30 else f"{n / 2**30:,.1f} GiB"
 
 
@@ -59,17 +61,17 @@ def mem_available(meminfo: str | Path = "/proc/meminfo", cgroup_root: str | Path
 
 def choose_loader(split_bytes: int, copies: int = 1, available: int | None = None,
                   where: str = "") -> LoaderChoice:
-    """Memory or stream for a split of ``split_bytes`` held ``copies`` times on the node."""
+    """Memory or stream for data of ``split_bytes`` held ``copies`` times on the node."""
     if available is None:
         available, where = mem_available()
     need = int(split_bytes) * max(int(copies), 1)
     held = f"{_mib(split_bytes)}" + (f" x {copies} copies" if copies > 1 else "")
     if available is None:
-        return LoaderChoice("stream", f"loader auto -> stream: the training split needs {held} "
+        return LoaderChoice("stream", f"loader auto -> stream: the data needs {held} "
                             "and the free memory is unknown (no /proc/meminfo)")
     share = need / available if available else float("inf")
     verdict = "memory" if share <= SAFETY else "stream"
     cmp = "within" if verdict == "memory" else "over"
-    return LoaderChoice(verdict, f"loader auto -> {verdict}: the training split needs {held}, "
+    return LoaderChoice(verdict, f"loader auto -> {verdict}: the data needs {held}, "
                         f"{share:.0%} of {_mib(available)} available ({where}), {cmp} the "
                         f"{SAFETY:.0%} limit")

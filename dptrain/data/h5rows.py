@@ -238,9 +238,12 @@ class H5Rows:
         if x.ndim < 2:
             raise UserError(f"{path}: /{self.split}/x must have shape (N, *sample_shape), "
                             f"got {x.shape}")
-        if y.ndim not in (1, 2) or y.shape[0] != x.shape[0]:
+        if y.ndim not in (1, 2):
+            raise UserError(f"{path}: /{self.split}/y must have shape (N,) labels or (N, C) "
+                            f"targets, got {y.shape}")
+        if y.shape[0] != x.shape[0]:
             raise UserError(f"{path}: /{self.split}/x has {x.shape[0]} samples but "
-                            f"/{self.split}/y has shape {y.shape}")
+                            f"/{self.split}/y has {y.shape[0]}")
         if x.shape[0] == 0:
             raise UserError(f"{path}: {self.split} split is empty (0 samples)")
         return x, y

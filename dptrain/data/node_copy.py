@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
 from .h5rows import H5Rows
 
 Alloc = Callable[[tuple[int, ...], Any], np.ndarray]
@@ -43,8 +44,24 @@ def load_split(source: str | Path, split: str, alloc: Alloc, fill: bool = True
                              f"{(len(rows), *rows.sample_shape)}")
         if fill:
             step = max(BLOCK_BYTES // rows.row_bytes, 1)
+            bad: list[tuple[int, int]] = []  # (count, first sample) of blocks with NaN/Inf
             for s in range(0, len(rows), step):
                 e = min(s + step, len(rows))
                 rows.read(np.arange(s, e, dtype=np.int64), x[s:e])
+                if x.dtype.kind == "f":
+                    bad += _non_finite(x[s:e], s)
+            if bad:  # named before training, not met in a batch
+                raise UserError(f"{rows.label}: /{split}/x ({split} split) contains "
+                                f"{sum(c for c, _ in bad)} NaN/Inf values (first in sample "
+                                f"{bad[0][1]})")
             y[...] = rows.y
         return x, y, rows.num_classes
+
+
+def _non_finite(block: np.ndarray, start: int) -> list[tuple[int, int]]:
+    """[(count, first sample)] of the NaN/Inf values in a block of rows, or []."""
+    finite = np.isfinite(block)
+    if finite.all():
+        return []
+    first = start + int(np.flatnonzero(~finite.reshape(len(block), -1).all(axis=1))[0])
+    return [(int(finite.size - np.count_nonzero(finite)), first)]

@@ -31,13 +31,23 @@ class BatchSource(Protocol):
     """What the training step asks of its data."""
 
     data_wait_seconds: float
+    #: the rows of the last ``get`` on the device (None where batches stay on the host)
+    device_rows: Any
 
-    def get(self, rows: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Host arrays (x, y) for global sample indices ``rows``, in that order."""
+    def __len__(self) -> int: ...
+
+    def get(self, rows: np.ndarray, epoch: int) -> tuple[Any, Any]:
+        """Arrays (x, y) for global sample indices ``rows``, in that order."""
         ...
 
     def prefetch(self, rows: np.ndarray, epoch: int) -> None:
         """Start the ``get`` of these rows now."""
+        ...
+
+    def read_into(self, rows: np.ndarray, epoch: int, x_out: np.ndarray,
+                  y_out: np.ndarray) -> None:
+        """What ``get`` returns, written now into ``x_out[:n]``, ``y_out[:n]`` (buffers of
+        the caller's, e.g. pinned memory for an upload)."""
         ...
 
     def close(self) -> None:
@@ -98,6 +108,9 @@ class RowSource:
             if background else None
         self._pending: tuple[_Slot, tuple[bytes, int], Future[None]] | None = None
         self._current: _Slot | None = None
+        self._raw = np.empty((0, *reader.sample_shape), reader.dtype)  # for read_into
+        #: batches stay on the host
+        self.device_rows = None
         #: seconds the last ``get`` blocked waiting for its data
         self.data_wait_seconds = 0.0
         #: seconds all ``get`` calls so far blocked
@@ -109,6 +122,13 @@ class RowSource:
         self.slots = [_Slot(self.reader, self.y, self.transform.dtype, rows, self._alloc)
                       for _ in range(2)]
         self._current = None
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.reader.sample_shape)
 
     @staticmethod
     def _key(rows: np.ndarray, epoch: int) -> tuple[bytes, int]:
@@ -174,6 +194,18 @@ class RowSource:
         self.data_wait_seconds = time.perf_counter() - t0
         self.total_wait_seconds += self.data_wait_seconds
         return slot.x[:n], slot.y[:n]
+
+    def read_into(self, rows: np.ndarray, epoch: int, x_out: np.ndarray,
+                  y_out: np.ndarray) -> None:
+        """``get``'s arrays written into ``x_out[:n]`` and ``y_out[:n]``, in this thread."""
+        rows = self._check(rows)
+        n = len(rows)
+        self._settle()
+        if len(self._raw) < n:
+            self._raw = np.empty((n, *self.reader.sample_shape), self.reader.dtype)
+        raw = self.reader.read(rows, self._raw)
+        self.transform(raw, rows, epoch, self.training, out=x_out[:n])
+        np.take(self.y, rows, axis=0, out=y_out[:n], mode="clip")
 
     def close(self) -> None:
         """Finish the background job and stop the thread; close the reader's files."""

@@ -94,7 +94,14 @@ class ProcessSource:
         #: seconds the last ``get`` blocked waiting for its data
         self.data_wait_seconds = 0.0
         self.total_wait_seconds = 0.0
-        self._start()
+        #: batches stay on the host
+        self.device_rows = None
+        self.slots: list[tuple[np.ndarray, np.ndarray]] = []
+        # the worker starts at the first request, so that the transform (normalisation
+        # statistics of a resumed run) may still be completed after construction
+
+    def __len__(self) -> int:
+        return self.n
 
     # -- the worker --------------------------------------------------------------------------
     def _start(self) -> None:
@@ -137,6 +144,8 @@ class ProcessSource:
             raise RuntimeError(f"the data worker failed: {msg}")
 
     def _send(self, slot: int, rows: np.ndarray, epoch: int) -> None:
+        if self._proc is None:
+            self._start()
         assert self._proc is not None and self._proc.stdin is not None
         try:
             self._proc.stdin.write(REQUEST.pack(slot, int(epoch), int(self.training), len(rows))
@@ -200,6 +209,13 @@ class ProcessSource:
         self.total_wait_seconds += self.data_wait_seconds
         x, y = self.slots[slot]
         return x[:n], y[:n]
+
+    def read_into(self, rows: np.ndarray, epoch: int, x_out: np.ndarray,
+                  y_out: np.ndarray) -> None:
+        """``get``'s arrays copied into ``x_out[:n]`` and ``y_out[:n]``."""
+        x, y = self.get(rows, epoch)
+        x_out[:len(x)] = x
+        y_out[:len(y)] = y
 
     def close(self) -> None:
         """Stop the worker (it exits when its stdin closes) and unmap the slots."""

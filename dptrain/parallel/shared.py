@@ -194,3 +194,29 @@ class SharedSum:
             self.timeline.add("allreduce (shared memory)", t0, t1, cat="comm", tid=SYNC_TID,
                               bytes=self.grads.mine.nbytes, elements=[0, self.grads.mine.size])
         self.wait_seconds = t1 - t0
+
+
+class NodeArrays:
+    """Arrays the ranks of a node read but never write (the training data), one copy per
+    node: every rank of the node allocates them together (``alloc``, in the same order),
+    the node's local rank 0 fills them (``fill``), and ``fence()`` publishes its writes.
+    Across nodes each node holds its own copy."""
+
+    def __init__(self, comm: MPIComm) -> None:
+        self.memory = NodeMemory(comm)
+        self.fill = self.memory.rank == 0
+
+    @staticmethod
+    def applies(comm: Communicator) -> bool:
+        """MPI with more than one rank: the same answer on every rank, as the collective
+        allocation needs (a node with one rank holds a window of its own)."""
+        return isinstance(comm, MPIComm) and comm.size > 1
+
+    def alloc(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An array of ``shape`` that every rank of the node sees (contents undefined)."""
+        n = int(np.prod(shape, dtype=np.int64))
+        return self.memory.single(max(n, 1), dtype, "training data")[:n].reshape(shape)
+
+    def fence(self) -> None:
+        """The filler's writes are seen by every rank of the node after this."""
+        self.memory.fence()

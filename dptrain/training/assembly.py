@@ -21,7 +21,8 @@ from typing import Any
 from .. import faults
 from ..backend import Backend, select_backend
 from ..config import Config
-from ..data import DataSplits, GlobalSampler, load_from_config, validate_for_model
+from ..data import GlobalSampler, validate_for_model
+from ..data.stored import FoundData, find_data
 from ..errors import UserError
 from ..nn import Sequential, get_loss, layer_from_spec, preset_layers
 from ..nn.memory import check_batch_fits
@@ -29,11 +30,11 @@ from ..optim import make_optimizer, make_schedule
 from ..parallel import Communicator, LocalComm, agree, device_comm, make_placement
 from ..parallel.watchdog import Watchdog
 from ..timeline import Timeline
-from ..upload import BatchUploader
 from .evaluate import has_top5
 from .extension import Extension
 from .extensions import default_extensions
 from .extensions.tensorboard import summary_writer_class
+from .inputs import check_augment, open_inputs
 from .loop import Trainer
 from .monitor import check_watched, mode
 from .plan import BatchPlan
@@ -52,13 +53,13 @@ def build_model(cfg: Config, input_shape: tuple[int, ...], num_outputs: int,
 class _LocalParts:
     """What each rank builds without talking to the others."""
 
-    data: DataSplits
+    data: FoundData
     model: Sequential
     loss: Any
     micro_batch: int
 
 
-def num_outputs(data: DataSplits) -> int:
+def num_outputs(data: FoundData) -> int:
     """Classes or targets per sample the model must output for ``data``."""
     y = data.train.y
     if y.ndim == 2:
@@ -84,7 +85,17 @@ def check_output_file(path: str, what: str) -> None:
 
 def _local_parts(cfg: Config, backend: Backend, world: int, local_size: int) -> _LocalParts:
     check_output_file(cfg.run.timeline, "timeline")
-    data = load_from_config(cfg.data, dtype=cfg.model.dtype, seed=cfg.run.seed)
+    data = find_data(cfg.data, dtype=cfg.model.dtype, seed=cfg.run.seed)
+    try:
+        return _check_and_build(cfg, data, backend, world, local_size)
+    except BaseException:
+        data.close()
+        raise
+
+
+def _check_and_build(cfg: Config, data: FoundData, backend: Backend, world: int,
+                     local_size: int) -> _LocalParts:
+    check_augment(cfg, data)
     train = data.train
     num_out = num_outputs(data)
     model = build_model(cfg, train.sample_shape, num_out, backend.xp)
@@ -167,10 +178,12 @@ def build_trainer(cfg: Config, comm: Communicator | None = None, *,
                              par.allow_gpu_sharing, comm=comm)
     parts = agree(comm, lambda: _local_parts(cfg, backend, comm.size, comm.local_size))
     assert parts is not None
+    # memory (one copy per node) or streamed; the ranks choose together
+    inputs = open_inputs(cfg, parts.data, comm, backend, parts.micro_batch)
     # device arrays reach MPI directly, staged through pinned memory, or through NCCL
     comm = agree(comm, lambda: device_comm(comm, backend, par.gpu_aware_mpi, par.comm == "nccl"))
     assert comm is not None
-    model, train = parts.model, parts.data.train
+    model, train = parts.model, inputs.train
     if parts.micro_batch < comm.size and not cfg.schedule.batch_per_rank:
         say(f"note: global batch {parts.micro_batch} < {comm.size} ranks; some ranks get no "
             "samples in a step (they still join every collective)")
@@ -200,9 +213,8 @@ def build_trainer(cfg: Config, comm: Communicator | None = None, *,
                                decay_mask=None if mask is None else mask[own])
     placement.adopt(optimizer)
     watchdog = Watchdog(par.collective_timeout, lambda what: comm.abort(1), comm.rank)
-    source = BatchUploader(backend, train.x, train.y, -(-parts.micro_batch // comm.size))
     step = TrainStep(model=model, loss=parts.loss, optimizer=optimizer, placement=placement,
-                     source=source, rank=comm.rank, world=comm.size,
+                     source=inputs.source, rank=comm.rank, world=comm.size,
                      micro_batch=parts.micro_batch, accum_steps=sc.accum_steps,
                      seed=cfg.run.seed, clip_norm=op.clip_norm,
                      undo_nonfinite=cfg.run.on_nonfinite == "skip", debug=cfg.run.debug,
@@ -211,12 +223,12 @@ def build_trainer(cfg: Config, comm: Communicator | None = None, *,
                      top5=has_top5(model.output_shape[0]) and (
                          train.has_labels or cfg.model.loss != "mse"))
     if extensions is None:
-        extensions = default_extensions(cfg, test_split=parts.data.test, plan=plan,
+        extensions = default_extensions(cfg, test_split=inputs.test_source, plan=plan,
                                         global_batch=sampler.batch_size,
                                         is_root=comm.rank == 0, timeline=timeline,
                                         threads_line=threads_line, schedule=schedule,
                                         eval_loss=get_loss(cfg.model.loss))
-    trainer = Trainer(cfg=cfg, comm=comm, backend=backend, data=parts.data, model=model,
+    trainer = Trainer(cfg=cfg, comm=comm, backend=backend, data=inputs, model=model,
                       loss=parts.loss, placement=placement, optimizer=optimizer, step=step,
                       plan=plan, schedule=schedule, extensions=extensions, watchdog=watchdog)
     faults.attach(trainer)

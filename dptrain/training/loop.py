@@ -80,6 +80,8 @@ class Trainer:
     def prepare(self) -> None:
         """Everything before the first step, agreed by every rank."""
         resume: Resume | None = agree(self.comm, lambda: load_resume(self), root_only=True)
+        # normalisation statistics: the checkpoint's, or computed now (rank 0 decides)
+        self.data.settle(self.comm, resume.data if resume is not None else None)
         agree(self.comm, lambda: self._open_run_dir(resume), root_only=True)
         if resume is not None:
             self.say(resume.message)
@@ -147,7 +149,7 @@ class Trainer:
         for ext in self.extensions:
             ext.close(self)
         self.watchdog.close()
-        self.step.source.close()
+        self.data.close()
         if self.run_dir is not None:
             self.run_dir.close()
             self.run_dir = None
@@ -177,7 +179,7 @@ class Trainer:
         if kind == "model":
             return ckpt.capture("model", self.model, params, state,
                                 config=self.cfg.resolved(), world_size=self.world,
-                                seed=self.cfg.run.seed)
+                                seed=self.cfg.run.seed, data=self.data.saved_record())
         extras = self.extension_state()
         st = self.state
         st.best_metric = float(extras.pop("best_metric", st.best_metric))
@@ -188,7 +190,7 @@ class Trainer:
             world_size=self.world, optimizer=self.optimizer,
             opt_state={k: host(v).copy() for k, v in self.placement.opt_state.items()},
             trainer=st, seed=self.cfg.run.seed,
-            epoch_order=self.plan.sampler.epoch_order(st.epoch))
+            epoch_order=self.plan.sampler.epoch_order(st.epoch), data=self.data.saved_record())
 
     def _open_run_dir(self, resume: Resume | None) -> None:
         """Rank 0 locks the run directory and records the resolved config."""
@@ -206,6 +208,7 @@ class Trainer:
                                      self.cfg.resolved(), ignore=("resume",
                                                                   "allow_config_change"))
         self.run_dir.write_config(self.cfg.resolved())
+        self.data.write_record(self.run_dir.path)
 
     def _broadcast(self, resume: Resume | None) -> None:
         """Rank 0's parameters, model and optimizer state, counters and extension state

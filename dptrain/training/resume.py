@@ -2,14 +2,15 @@
 
 Every check happens here, before the run directory is touched: the file verifies, the
 model matches it, the optimizer is the one that wrote it, the training set has its size,
-and no option that changes the trajectory differs from the run that wrote it (unless
+no option that changes the trajectory differs from the run that wrote it, and the dataset
+files are the ones it was trained on (their fingerprint; both unless
 ``allow_config_change``). A resumed run with other options keeps the earlier config.json
 beside the new one (``config.step-N.json``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,8 @@ TRAJECTORY = ("model", "layers", "dtype", "loss", "dataset", "synthetic_shape",
               "min_lr", "optimizer", "lr", "momentum", "nesterov", "beta1", "beta2", "eps",
               "weight_decay", "decay_bias_norm", "clip_norm", "seed", "label_smoothing",
               "plateau_metric", "plateau_factor", "plateau_patience", "plateau_cooldown",
-              "plateau_threshold", "plateau_threshold_mode")
+              "plateau_threshold", "plateau_threshold_mode", "augment_crop", "augment_flip",
+              "augment_erase", "augment_erase_area", "augment_erase_ratio", "normalize")
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Resume:
     path: Path | None
     state: ckpt.TrainerState | None
     message: str
+    #: the checkpoint's record of its data (normalisation, fingerprint); {} when older
+    data: dict = field(default_factory=dict)
 
 
 def load_resume(trainer: Trainer) -> Resume | None:
@@ -67,6 +71,8 @@ def load_resume(trainer: Trainer) -> Resume | None:
                         f"the config asks for {cfg.optim.optimizer}")
     _check_epoch_order(trainer, ck, path)
     changed = _changed_options(trainer, ck, path)
+    # a dataset file that changed under the run is named here, before anything is written
+    data_note = trainer.data.check_resume(ck.data, path, cfg.checkpoint.allow_config_change)
     _load(trainer, ck, path)
     _check_extension_state(trainer, ck)
     t = ck.trainer
@@ -75,7 +81,8 @@ def load_resume(trainer: Trainer) -> Resume | None:
     return Resume(path, ck.trainer,
                   f"resumed from {path} ({where}, step {t.global_step}, saved by "
                   f"{ck.meta.get('world_size')} rank(s))"
-                  + (f"; options changed: {', '.join(changed)}" if changed else ""))
+                  + (f"; options changed: {', '.join(changed)}" if changed else "")
+                  + (f"\n{data_note}" if data_note else ""), ck.data)
 
 
 def _changed_options(trainer: Trainer, ck: ckpt.Checkpoint, path: Path) -> list[str]:

@@ -47,9 +47,10 @@ class StepReport:
 class TrainStep:
     """Runs global batches: ``step(batch, lr) -> StepReport``.
 
-    ``source`` gives this rank's samples (``get(rows)`` on the device, ``prefetch(rows)``
-    the next ones early); ``placement`` sums gradients and knows this rank's slice;
-    ``guard`` decides per step, on values every rank agrees on, whether to apply it.
+    ``source`` gives this rank's samples (``get(rows, epoch)`` on the device, decoded and
+    augmented for that epoch; ``prefetch(rows, epoch)`` the next ones early);
+    ``placement`` sums gradients and knows this rank's slice; ``guard`` decides per step,
+    on values every rank agrees on, whether to apply it.
     """
 
     def __init__(self, *, model: Any, loss: Any, optimizer: Any, placement: Any, source: Any,
@@ -95,7 +96,7 @@ class TrainStep:
             t0 = time.perf_counter()
             local = shard(micro, self.rank, self.world)
             report.samples += len(local)
-            x, y = self.source.get(local)
+            x, y = self.source.get(local, batch.epoch)
             if hooks:
                 hooks.fire("data", step=batch.step, rank=self.rank, array=x)
             t1 = time.perf_counter()
@@ -124,20 +125,24 @@ class TrainStep:
                     sync.start()
                 self.model.backward(dout, ctx, sync.on_ready if last else None,
                                     check_finite=self.debug)
-                nxt = (shard(batch.indices[(j + 1) * mb:(j + 2) * mb], self.rank, self.world)
-                       if not last else None if batch.upcoming is None
-                       else shard(batch.upcoming[:mb], self.rank, self.world))
-                self.source.prefetch(nxt)
+                t3 = time.perf_counter()
+                # the next micro-batch (or the next step's first) is prepared while this
+                # one's backward and gradient sum run; the time it takes here is data time
+                nxt = (batch.indices[(j + 1) * mb:(j + 2) * mb] if not last
+                       else batch.upcoming[:mb] if batch.upcoming is not None else None)
+                if nxt is not None:
+                    self.source.prefetch(shard(nxt, self.rank, self.world), batch.epoch)
             except NonFiniteError as e:
                 raise StopTraining(1, f"non-finite values at step {batch.step}: {e}") from None
-            t3 = time.perf_counter()
-            times["data"] += t1 - t0
+            t4 = time.perf_counter()
+            times["data"] += (t1 - t0) + (t4 - t3)
             times["forward"] += t2 - t1
             times["backward"] += t3 - t2
             if tl is not None:
                 tl.add("data", t0, t1, micro=j)
                 tl.add("forward", t1, t2, micro=j)
                 tl.add("backward", t2, t3, micro=j)
+                tl.add("prefetch", t3, t4, micro=j)
 
     def _sum_gradients(self, step: int, report: StepReport) -> None:
         t3 = time.perf_counter()

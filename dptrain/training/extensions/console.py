@@ -50,6 +50,7 @@ class RunLog(Extension):
                     f"samples, {plan.steps_per_epoch} steps/epoch, device {device}, "
                     f"{trainer.placement.description}")
         trainer.say(f"optimizer: {_schedule_text(cfg)}; {plan.total_steps} steps in all")
+        trainer.say(trainer.data.describe())
         if trainer.backend.is_gpu:
             trainer.say(f"GPU: rank 0 on {trainer.backend.describe()}; gradients "
                         f"{getattr(trainer.comm, 'transport', 'not communicated (one rank)')}")

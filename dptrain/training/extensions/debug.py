@@ -12,5 +12,5 @@ class GradientCheck(Extension):
     name = "gradient_check"
 
     def start(self, trainer: Any) -> None:
-        trainer.say(report_model_gradcheck(trainer.model, trainer.loss, trainer.data.train,
+        trainer.say(report_model_gradcheck(trainer.model, trainer.loss, trainer.data.head(4),
                                            trainer.cfg.run.seed))
