@@ -77,7 +77,7 @@ def test_resnet20_resumes_bit_for_bit_and_on_another_world_size(tmp_path: Path):
 
 def _block(marker: str) -> str:
     """The fenced code block of docs/models.md whose first line holds ``marker``."""
-    for block in re.findall(r"```\w*\n(.*?)```", DOCS.read_text(), re.S):
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", DOCS.read_text(), re.S | re.M):
         if marker in block.splitlines()[0]:
             return block
     raise AssertionError(f"no code block starting with {marker!r} in {DOCS}")
