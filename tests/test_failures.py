@@ -249,3 +249,48 @@ def test_drift_check_ignores_per_rank_batchnorm_statistics(tmp_path):
     proc = run(tmp_path / "run", "--layers", json.dumps(DENSE_BN), "--drift-check-every",
                   "2", "--max-steps", "6", n=2)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_updates_undone_one_after_another_count_as_consecutive_skips(tmp_path, capsys):
+    """A learning rate so high that every update makes the parameters non-finite: each
+    shows only in the next step's gradient, which undoes it. With `skip` the undone steps
+    count as skipped (they do not end a run of skips), so --max-skips stops the run at
+    step 4, and the parameters are still the initial ones."""
+    cfg = make_config({"layers": [{"type": "flatten"}, {"type": "dense", "units": 10}],
+                       "dtype": "float32", "optimizer": "sgd", "lr": 1e300,
+                       "on_nonfinite": "skip", "max_skips": 4, "checkpoint_every": "off",
+                       "progress": "off", "run_dir": str(tmp_path / "run")})
+    trainer = build_trainer(cfg)
+    initial = trainer.model.params.copy()
+    with pytest.raises(StopTraining, match=r"^4 consecutive non-finite steps \(up to step 4\)"):
+        trainer.run()
+    out = capsys.readouterr().out
+    assert [ln for ln in out.splitlines() if ln.startswith("warning:")] == [
+        "warning: the update of step 1 made parameters non-finite; it is undone and step 2 "
+        "skipped (2 in a row)",
+        "warning: the update of step 3 made parameters non-finite; it is undone and step 4 "
+        "skipped (4 in a row)"]
+    np.testing.assert_array_equal(trainer.model.params, initial)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [(e["step"], e["consecutive"], e["skipped_steps"]) for e in events
+            if e["event"] == "skipped_step"] == [(2, 2, 2), (4, 4, 4)]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_update_that_breaks_the_parameters_is_named_and_never_written(tmp_path):
+    """The gradient of step 1 is finite but its update is not: the guard finds it in step
+    2's gradient and names step 1's update; a checkpoint due at step 1 finds it first and
+    is not written."""
+    for every, where in (("off", ""), ("1", "; no checkpoint was written")):
+        run_dir = tmp_path / f"every-{every}"
+        cfg = make_config({"layers": [{"type": "flatten"}, {"type": "dense", "units": 10}],
+                           "dtype": "float32", "optimizer": "sgd", "lr": 1e300,
+                           "checkpoint_every": every, "progress": "off",
+                           "run_dir": str(run_dir)})
+        with pytest.raises(StopTraining) as stop:
+            build_trainer(cfg).run()
+        assert str(stop.value) == ("non-finite parameters or optimizer state after the update "
+                                   "of step 1 (lower the learning rate, clip with --clip-norm, "
+                                   "or use --dtype float64)" + where)
+        assert not (run_dir / "model.h5").exists()
+        assert not list(run_dir.glob("checkpoints/*.h5"))
