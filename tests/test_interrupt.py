@@ -51,6 +51,19 @@ def wait_until(what, proc: subprocess.Popen, log: Path, limit: float = 120) -> N
         time.sleep(0.01)
 
 
+def group_ends(pgid: int, limit: float = 60) -> bool:
+    """Every process of the group ``pgid`` has ended (within a hang guard)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    os.killpg(pgid, signal.SIGKILL)
+    return False
+
+
 def ctrl_c(proc: subprocess.Popen) -> None:
     """What a terminal does on Ctrl-C: SIGINT to the whole foreground process group."""
     os.killpg(proc.pid, signal.SIGINT)
@@ -89,5 +102,9 @@ def test_second_ctrl_c_ends_at_once(tmp_path, n):
     wait_until(lambda: "Ctrl-C again to stop at once" in log.read_text(), proc, log)
     ctrl_c(proc)
     code = proc.wait(timeout=60)  # a hang guard: without the second Ctrl-C it would hang
-    assert code != 0
+    if n is None:
+        assert code == -signal.SIGINT, log.read_text()  # died of the second SIGINT
+    # under mpiexec the code is mpiexec's: MPICH's own second-Ctrl-C clean-up reports 0 at
+    # times; what counts is that every rank is gone
+    assert group_ends(proc.pid), log.read_text()
     assert [ckpt.read_file(p).trainer.global_step for p in ckpt.list_checkpoints(run)] == [4, 2]
