@@ -28,7 +28,7 @@ def _first_step_loss(eps):
     trainer = build_trainer(cfg)
     try:
         rows = trainer.plan.sampler.batch(0, 0)
-        x, y = trainer.data.train.x[rows], trainer.data.train.y[rows]
+        x, y = trainer.step.source.get(rows, 0)  # the batch as training decodes it
         out = trainer.model.forward(x, Context(xp=np, training=True, sample_index=rows))
         return float(get_loss("cross_entropy", label_smoothing=eps).forward(
             out, y, 1.0 / len(rows), np))

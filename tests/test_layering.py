@@ -30,8 +30,9 @@ FORBIDDEN = {
     "dptrain.config": ("dptrain.nn", "dptrain.parallel", "dptrain.training", "dptrain.data",
                        "dptrain.checkpoint", "dptrain.cli", "mpi4py"),
 }
-#: who may import the training package and the command line
-TRAINING_USERS = ("dptrain.training", "dptrain.cli")
+#: who may import the training package and the command line (dptrain.commands holds the
+#: command line's subcommands)
+TRAINING_USERS = ("dptrain.training", "dptrain.cli", "dptrain.commands")
 
 
 def module_name(path) -> str:

@@ -109,19 +109,12 @@ class H5Rows:
         self.num_classes: int | None = None
         try:
             for path in self.paths:
-                f = self._open(h5py, path, cache_bytes)
-                if f"{split}/x" not in f and f"{split}/y" not in f and len(self.paths) > 1:
-                    f.close()  # a shard without this split (e.g. a test-only file)
-                    continue
-                self.files.append(f)
-                x, y = self._datasets(h5py, f, path)
-                self._check_like(x, y, path)
-                self.xs.append(x)
-                ys.append(self._read_labels(y, path))
-                counts.append(int(x.shape[0]))
-                nc = f.attrs.get("num_classes")
-                if nc is not None:
-                    self.num_classes = max(self.num_classes or 0, int(np.asarray(nc).item()))
+                try:
+                    self._add_file(h5py, path, cache_bytes, ys, counts)
+                except (OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
+                    # what HDF5 says of damaged metadata (it carries no checksum)
+                    raise UserError(f"{path}: damaged or unreadable HDF5 file "
+                                    f"({_first_line(e)})") from None
             if not self.xs:
                 raise UserError(f"{self.label}: no file holds a /{split} split")
         except BaseException:
@@ -216,6 +209,24 @@ class H5Rows:
         return len(self) * self.row_bytes + int(self.y.nbytes)
 
     # -- opening -------------------------------------------------------------------------
+    def _add_file(self, h5py: Any, path: Path, cache_bytes: int, ys: list[np.ndarray],
+                  counts: list[int]) -> None:
+        """One file's split: its datasets checked, its labels read, its rows counted."""
+        split = self.split
+        f = self._open(h5py, path, cache_bytes)
+        if f"{split}/x" not in f and f"{split}/y" not in f and len(self.paths) > 1:
+            f.close()  # a shard without this split (e.g. a test-only file)
+            return
+        self.files.append(f)
+        x, y = self._datasets(h5py, f, path)
+        self._check_like(x, y, path)
+        self.xs.append(x)
+        ys.append(self._read_labels(y, path))
+        counts.append(int(x.shape[0]))
+        nc = f.attrs.get("num_classes")
+        if nc is not None:
+            self.num_classes = max(self.num_classes or 0, int(np.asarray(nc).item()))
+
     @staticmethod
     def _open(h5py: Any, path: Path, cache_bytes: int) -> Any:
         if not h5py.is_hdf5(path):

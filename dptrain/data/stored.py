@@ -168,7 +168,7 @@ def _has_split(path: Path, split: str) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return f"{split}/x" in f or f"{split}/y" in f
-    except OSError:
+    except (OSError, RuntimeError):
         return False  # H5Rows names an unreadable train file; a test-only one is skipped
 
 
