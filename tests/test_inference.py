@@ -279,3 +279,19 @@ def test_predict_streams_the_input_a_batch_at_a_time(trained, digits, tmp_path):
     assert src.reads == [(s, min(s + 64, 360)) for s in range(0, 360, 64)]
     with h5py.File(tmp_path / "p.h5") as f:
         np.testing.assert_array_equal(f["probabilities"][()], predictor.predict(digits.test.x))
+
+
+def test_a_run_trained_with_normalisation_predicts_from_raw_inputs(digits, tmp_path):
+    """Training with per-channel statistics stores them in model.h5; predict applies them,
+    and its accuracy is the one the run's own (normalised) evaluation reported."""
+    run = tmp_path / "run"
+    train(run, ["--epochs", "1", "--normalize", "channel"])
+    stats = json.loads((run / "data.json").read_text())["normalize"]
+    assert ckpt.read_file(run / "model.h5").data["normalize"] == stats
+    x = digits.test.x.astype(np.float64)
+    probs = dptrain.load_model(run / "model.h5").predict(x)
+    normalised = (x - np.asarray(stats["mean"])) / np.asarray(stats["std"])
+    np.testing.assert_allclose(probs, _softmax(_logits(run / "model.h5", normalised)),
+                               rtol=1e-9)
+    accuracy = float((probs.argmax(axis=1) == digits.test.y).mean())
+    assert accuracy == pytest.approx(events(run, "epoch")[-1]["test_acc"], abs=1e-12)
