@@ -9,6 +9,8 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .errors import UserError
+
 
 def fsync_dir(path: str | Path) -> None:
     """Make a rename in ``path`` durable (some file systems cannot fsync a directory)."""
@@ -52,3 +54,17 @@ def write_atomic(path: str | Path, parts: Iterable[bytes | memoryview], *,
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """A file to be written later (at the end of a run, after an evaluation) can be written
+    where asked: checked before the work, so a mistake costs nothing. ``what`` names it in
+    the message (an option such as ``--output``)."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a directory; give a file name")
+    if not parent.is_dir():
+        raise UserError(f"{what} {p}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {p}: directory {parent} is not writable")

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import fsync_dir, temp_name
+from ..atomic import check_writable, fsync_dir, temp_name
 from ..errors import UserError
 
 #: the largest confusion matrix printed in full (a wider one goes to --confusion-png)
@@ -57,13 +57,7 @@ def check_png_path(path: str) -> None:
     p = Path(path)
     if p.suffix.lower() != ".png":
         raise UserError(f"--confusion-png {p}: the file name must end in .png")
-    if p.is_dir():
-        raise UserError(f"--confusion-png {p} is a directory; give a file name")
-    parent = p.parent
-    if not parent.is_dir():
-        raise UserError(f"--confusion-png {p}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--confusion-png {p}: directory {parent} is not writable")
+    check_writable(p, "--confusion-png")
     try:
         import matplotlib  # noqa: F401, PLC0415
     except ImportError:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..atomic import check_writable
 from ..errors import UserError
 
 
@@ -46,13 +47,7 @@ def check_output(path: Path, *others: Path) -> None:
     """The predictions file can be written where asked, and clobbers no input."""
     if path.suffix.lower() not in (".h5", ".hdf5"):
         raise UserError(f"--output {path}: predictions are written as HDF5; name it .h5")
-    if path.is_dir():
-        raise UserError(f"--output {path} is a directory; give a file name")
-    parent = path.parent
-    if not parent.is_dir():
-        raise UserError(f"--output {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--output {path}: directory {parent} is not writable")
+    check_writable(path, "--output")
     for other in others:
         if path.exists() and other.exists() and path.samefile(other):
             raise UserError(f"--output {path} is the file read from; write elsewhere")

@@ -200,6 +200,17 @@ def _synthetic(dt: np.dtype, seed: int, shape: tuple[int, ...], classes: int,
     return DataSplits(train, test, classes, "synthetic")
 
 
+def check_test_like(train: Any, test: Any, name: str) -> None:
+    """The test split's samples and targets have the train split's shapes (splits in
+    memory or on disk alike: anything with ``sample_shape`` and ``y``)."""
+    if test.sample_shape != train.sample_shape:
+        raise UserError(f"{name}: test samples have shape {test.sample_shape} but train "
+                        f"samples have shape {train.sample_shape}")
+    if test.y.shape[1:] != train.y.shape[1:]:
+        raise UserError(f"{name}: test targets have shape {test.y.shape[1:]} per sample but "
+                        f"train targets have {train.y.shape[1:]}")
+
+
 def _load_h5(path: Path, label: str, dt: np.dtype) -> DataSplits:
     import h5py
 
@@ -315,12 +326,7 @@ def _assemble(parts: dict[str, tuple[np.ndarray, np.ndarray, str, str]], num_cla
         out[split] = _make_split(x, y, xname, yname, split, label, name, dt)
     train, test = out["train"], out.get("test")
     if test is not None:
-        if test.sample_shape != train.sample_shape:
-            raise UserError(f"{label}: test samples have shape {test.sample_shape} but train "
-                            f"samples have shape {train.sample_shape}")
-        if test.y.shape[1:] != train.y.shape[1:]:
-            raise UserError(f"{label}: test targets have shape {test.y.shape[1:]} per sample "
-                            f"but train targets have {train.y.shape[1:]}")
+        check_test_like(train, test, label)
     if train.has_labels:
         top = max(int(ds.y.max()) for ds in out.values())
         if ncls is None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .datasets import IDX_NAMES, Dataset, load_dataset
+from .datasets import IDX_NAMES, Dataset, check_test_like, load_dataset
 from .h5rows import H5_SUFFIXES, H5Rows, shard_paths
 from .node_copy import load_split
 from .source import ArrayRows
@@ -149,7 +149,7 @@ def _open_h5(source: Path, name: str) -> FoundData:
         with_test = [p for p in paths if _has_split(p, "test")]
         if with_test:
             test = H5Rows(with_test, "test")
-            _check_test(train, test, name)
+            check_test_like(train, test, name)
         classes = _classes(train, test, name)
     except BaseException:
         train.close()
@@ -170,15 +170,6 @@ def _has_split(path: Path, split: str) -> bool:
             return f"{split}/x" in f or f"{split}/y" in f
     except (OSError, RuntimeError):
         return False  # H5Rows names an unreadable train file; a test-only one is skipped
-
-
-def _check_test(train: H5Rows, test: H5Rows, name: str) -> None:
-    if test.sample_shape != train.sample_shape:
-        raise UserError(f"{name}: test samples have shape {test.sample_shape} but train "
-                        f"samples have shape {train.sample_shape}")
-    if test.y.shape[1:] != train.y.shape[1:]:
-        raise UserError(f"{name}: test targets have shape {test.y.shape[1:]} per sample but "
-                        f"train targets have {train.y.shape[1:]}")
 
 
 def _classes(train: H5Rows, test: H5Rows | None, name: str) -> int | None:

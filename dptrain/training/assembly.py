@@ -13,12 +13,11 @@ with one message instead of leaving some waiting in a collective.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .. import faults
+from ..atomic import check_writable
 from ..backend import Backend, select_backend
 from ..config import Config
 from ..data import GlobalSampler, validate_for_model
@@ -71,16 +70,8 @@ def num_outputs(data: FoundData) -> int:
 
 def check_output_file(path: str, what: str) -> None:
     """A file this run will write at its end must be writable now, not after training."""
-    if not path:
-        return
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise UserError(f"{what} {p} is a directory; give a file name")
-    if not parent.is_dir():
-        raise UserError(f"{what} {p}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {p}: directory {parent} is not writable")
+    if path:
+        check_writable(path, what)
 
 
 def _local_parts(cfg: Config, backend: Backend, world: int, local_size: int) -> _LocalParts:
