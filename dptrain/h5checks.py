@@ -17,6 +17,20 @@ import numpy as np
 
 from .errors import UserError
 
+#: what h5py raises for a file whose metadata is damaged (HDF5 keeps no checksum of it)
+DAMAGE = (OSError, RuntimeError, ValueError, TypeError, KeyError)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's text (h5py's run over several), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def damaged(label: str | Any, e: BaseException) -> UserError:
+    """The one line for a file h5py cannot make sense of."""
+    return UserError(f"{label}: damaged or unreadable HDF5 file ({first_line(e)})")
+
 
 def _h5py() -> Any:
     import h5py  # noqa: PLC0415  (keeps `--help` fast)

@@ -218,10 +218,8 @@ def _load_h5(path: Path, label: str, dt: np.dtype) -> DataSplits:
         if not h5py.is_hdf5(path):
             raise UserError(f"{label}: not an HDF5 file")
         parts, num_classes = _read_h5(h5py, path, label)
-    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
-        # whatever HDF5 says about a damaged file: its metadata cannot be checksummed
-        raise UserError(f"{label}: damaged or unreadable HDF5 file ({_first_line(e)})") \
-            from None
+    except h5checks.DAMAGE as e:
+        raise h5checks.damaged(label, e) from None
     return _assemble(parts, num_classes, label, path.stem, dt)
 
 
@@ -232,7 +230,7 @@ def _read_h5(h5py: Any, path: Path, label: str
         try:
             f = stack.enter_context(h5py.File(path, "r"))
         except OSError as e:
-            raise UserError(f"{label}: cannot open HDF5 file ({_first_line(e)})") from e
+            raise UserError(f"{label}: cannot open HDF5 file ({h5checks.first_line(e)})") from e
         raw: dict[str, tuple[Any, Any]] = {}
         for name in f:
             if isinstance(name, bytes):  # h5py hands back undecodable names as bytes
@@ -260,7 +258,7 @@ def _read_h5(h5py: Any, path: Path, label: str
             try:
                 return np.asarray(obj[()])
             except (OSError, ValueError, TypeError) as e:
-                raise UserError(f"{label}: cannot read {name} ({_first_line(e)})") from e
+                raise UserError(f"{label}: cannot read {name} ({h5checks.first_line(e)})") from e
 
         parts = {s: (read(x, f"/{s}/x"), read(y, f"/{s}/y"), f"/{s}/x", f"/{s}/y")
                  for s, (x, y) in raw.items()}
@@ -273,7 +271,7 @@ def _load_npz(path: Path, label: str, dt: np.dtype) -> DataSplits:
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{label}: not a readable npz file ({_first_line(e)})") from e
+        raise UserError(f"{label}: not a readable npz file ({h5checks.first_line(e)})") from e
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise UserError(f"{label}: not an npz archive (a single .npy array?)")
     with npz:
@@ -286,7 +284,7 @@ def _load_npz(path: Path, label: str, dt: np.dtype) -> DataSplits:
                 raise UserError(f"{label}: {key} holds Python objects; only numeric arrays "
                                 "can be loaded") from e
             except (OSError, EOFError, zipfile.BadZipFile) as e:
-                raise UserError(f"{label}: cannot read {key} ({_first_line(e)})") from e
+                raise UserError(f"{label}: cannot read {key} ({h5checks.first_line(e)})") from e
             return a
 
         parts = {}
@@ -307,9 +305,6 @@ def _load_npz(path: Path, label: str, dt: np.dtype) -> DataSplits:
 
 # --- checks and conversion ------------------------------------------------------------------
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _check_kind(dtype: np.dtype, label: str, name: str) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import h5checks
 from ..errors import UserError
 
 H5_SUFFIXES = (".h5", ".hdf5")
@@ -111,10 +112,8 @@ class H5Rows:
             for path in self.paths:
                 try:
                     self._add_file(h5py, path, cache_bytes, ys, counts)
-                except (OSError, RuntimeError, ValueError, TypeError, KeyError) as e:
-                    # what HDF5 says of damaged metadata (it carries no checksum)
-                    raise UserError(f"{path}: damaged or unreadable HDF5 file "
-                                    f"({_first_line(e)})") from None
+                except h5checks.DAMAGE as e:
+                    raise h5checks.damaged(path, e) from None
             if not self.xs:
                 raise UserError(f"{self.label}: no file holds a /{split} split")
         except BaseException:
@@ -234,7 +233,7 @@ class H5Rows:
         try:
             return h5py.File(path, "r", rdcc_nbytes=int(cache_bytes), rdcc_nslots=10007)
         except OSError as e:
-            raise UserError(f"{path}: cannot open HDF5 file ({_first_line(e)})") from None
+            raise UserError(f"{path}: cannot open HDF5 file ({h5checks.first_line(e)})") from None
 
     def _datasets(self, h5py: Any, f: Any, path: Path) -> tuple[Any, Any]:
         got = [f.get(f"{self.split}/{k}") for k in ("x", "y")]
@@ -279,7 +278,8 @@ class H5Rows:
         try:
             raw = np.asarray(y[()])
         except (OSError, ValueError) as e:
-            raise UserError(f"{path}: cannot read /{self.split}/y ({_first_line(e)})") from None
+            raise UserError(f"{path}: cannot read /{self.split}/y "
+                            f"({h5checks.first_line(e)})") from None
         if raw.ndim == 1:
             return _labels(raw, f"/{self.split}/y", self.split, str(path))
         bad = raw.size - np.count_nonzero(np.isfinite(raw)) if raw.dtype.kind == "f" else 0
@@ -349,7 +349,7 @@ class H5Rows:
                     reader(s, start, stop, target)
                 except OSError as e:
                     raise UserError(f"{self.paths_with_split[s]}: cannot read rows "
-                                    f"{start}..{stop - 1} ({_first_line(e)})") from None
+                                    f"{start}..{stop - 1} ({h5checks.first_line(e)})") from None
                 if not straight[k]:
                     a, b = int(lo[k]), int(hi[k])
                     dest[pos[a:b]] = target[loc[a:b] - start]
@@ -412,6 +412,3 @@ class H5Rows:
         self.close()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -68,14 +68,9 @@ def num_outputs(data: FoundData) -> int:
     return int(y.max()) + 1 if len(y) else 0
 
 
-def check_output_file(path: str, what: str) -> None:
-    """A file this run will write at its end must be writable now, not after training."""
-    if path:
-        check_writable(path, what)
-
-
 def _local_parts(cfg: Config, backend: Backend, world: int, local_size: int) -> _LocalParts:
-    check_output_file(cfg.run.timeline, "timeline")
+    if cfg.run.timeline:  # written at the end: writable now, not after training
+        check_writable(cfg.run.timeline, "timeline")
     data = find_data(cfg.data, dtype=cfg.model.dtype, seed=cfg.run.seed)
     try:
         return _check_and_build(cfg, data, backend, world, local_size)
